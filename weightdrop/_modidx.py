@@ -57,4 +57,12 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                     'weightdrop/dropout.py'),
                                     'weightdrop.dropout.WeightDropout.weight_p': ( 'dropout.html#weightdropout.weight_p',
                                                                                    'weightdrop/dropout.py'),
-                                    'weightdrop.dropout.check_probability': ('dropout.html#check_probability', 'weightdrop/dropout.py')}}}
+                                    'weightdrop.dropout.check_probability': ('dropout.html#check_probability', 'weightdrop/dropout.py')},
+            'weightdrop.noise': { 'weightdrop.noise.WeightNoise': ('noise.html#weightnoise', 'weightdrop/noise.py'),
+                                  'weightdrop.noise.WeightNoise.__init__': ('noise.html#weightnoise.__init__', 'weightdrop/noise.py'),
+                                  'weightdrop.noise.WeightNoise.combine': ('noise.html#weightnoise.combine', 'weightdrop/noise.py'),
+                                  'weightdrop.noise.WeightNoise.extra_repr': ('noise.html#weightnoise.extra_repr', 'weightdrop/noise.py'),
+                                  'weightdrop.noise.WeightNoise.is_active': ('noise.html#weightnoise.is_active', 'weightdrop/noise.py'),
+                                  'weightdrop.noise.WeightNoise.sample': ('noise.html#weightnoise.sample', 'weightdrop/noise.py'),
+                                  'weightdrop.noise.WeightNoise.std': ('noise.html#weightnoise.std', 'weightdrop/noise.py'),
+                                  'weightdrop.noise.check_std': ('noise.html#check_std', 'weightdrop/noise.py')}}}
