@@ -32,17 +32,28 @@ def torchrun(script, out, *args, nproc=2):
     if r.returncode != 0: pytest.fail(f"{script} {args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr[-6000:]}")
     return [torch.load(out / f'rank{i}.pt', weights_only=False) for i in range(nproc)]
 
-def run_once(cache, tmp_path_factory, script, *args):
-    key = (script, args)
-    if key not in cache:
-        out = tmp_path_factory.mktemp(script.replace('.py', '') + '_'.join(a.strip('-') for a in args))
-        cache[key] = (out, torchrun(script, out, *args))
-    return cache[key]
+def run_once(base, script, *args):
+    "Launch each configuration once per test session, even when pytest-xdist spreads the tests over workers."
+    from filelock import FileLock    # a dependency of torch
+    out = base / (script.replace('.py', '') + '_'.join(a.strip('-') for a in args))
+    with FileLock(str(out) + '.lock'):
+        if (out / 'done').exists(): return out, [torch.load(out / f'rank{i}.pt', weights_only=False) for i in range(2)]
+        out.mkdir(exist_ok=True)
+        res = torchrun(script, out, *args)
+        (out / 'done').touch()
+    return out, res
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
+    # under xdist every worker has its own basetemp; their common parent is shared by the session
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get('PYTEST_XDIST_WORKER'): base = base.parent
+    base = base / 'ddp_runs'; base.mkdir(exist_ok=True)
     cache = {}
-    return lambda script, *args: run_once(cache, tmp_path_factory, script, *args)
+    def run(script, *args):
+        if (script, args) not in cache: cache[(script, args)] = run_once(base, script, *args)
+        return cache[(script, args)]
+    return run
 
 def same_masks(r0, r1):
     "Per step, whether both ranks' masks of every dropped weight were identical."
