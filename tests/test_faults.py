@@ -1,0 +1,298 @@
+"""Faults in the middle of training: an exception or KeyboardInterrupt inside the wrapped forward, a fastai fit cancelled
+or crashed, and a 2,000-step soak for leaks. Issue #6, "Faults"."""
+import gc, statistics, time, warnings
+import pytest, torch
+from torch import nn
+import torch.nn.functional as F
+from fastai.basics import Learner, DataLoaders, DataLoader, Callback, CancelFitException, SGD
+from fastai.callback.rnn import ModelResetter, RNNCallback
+from fastai.text.models.core import get_language_model
+from weightdrop.core import WeightHijacker
+from weightdrop.dropout import WeightDropout, EmbeddingDropout
+from weightdrop.noise import WeightNoise
+from weightdrop.awdlstm import AWD_LSTM
+from weightdrop.callbacks import ResampleCallback
+
+class Boom(Exception): pass
+
+def raise_in_forward(module, exc):
+    "Make `module`'s next forward raise `exc` after its inputs and (hijacked) weights are in place; returns the hook handle."
+    def hook(mod, args):
+        handle.remove()
+        raise exc
+    handle = module.register_forward_pre_hook(hook)
+    return handle
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+def assert_same_state(model, before):
+    "state_dict has exactly the keys and the values it had, and holds no tensor with autograd history."
+    sd = model.state_dict(keep_vars=True)
+    assert list(sd) == list(before)
+    for k, v in sd.items():
+        assert v.grad_fn is None, f'{k} is a transient tensor with autograd history'
+        assert torch.equal(v.detach(), before[k]), f'{k} changed'
+
+def assert_no_graph_on_modules(model):
+    "Between calls, no tensor attribute of any submodule keeps an autograd graph alive."
+    for name, m in model.named_modules():
+        for attr, v in vars(m).items():
+            if isinstance(v, torch.Tensor): assert v.grad_fn is None, f'{name}.{attr} keeps a graph alive'
+        for h in getattr(m, 'hidden', None) or []:
+            for t in (h if isinstance(h, (tuple, list)) else [h]): assert t.grad_fn is None
+
+def lstm_model(cls=WeightDropout, **kw):
+    torch.manual_seed(0)
+    lstm = nn.LSTM(6, 8, batch_first=True, bidirectional=True)
+    return cls(lstm, 0.5, **kw) if cls is WeightDropout else cls(lstm, 0.3, **kw)
+
+def plain_lstm_eval(wrapper, x):
+    "What an unwrapped nn.LSTM with the raw weights computes: the reference for eval."
+    ref = nn.LSTM(6, 8, batch_first=True, bidirectional=True)
+    sd = {k.replace('module.', ''): v for k, v in wrapper.state_dict().items()}
+    sd = {(k[:-4].replace('__', '.') if k.endswith('_raw') else k): v for k, v in sd.items()}
+    ref.load_state_dict(sd)
+    with torch.no_grad(): return ref(x)[0]
+
+X = torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(1))
+
+@pytest.mark.parametrize('exc', [Boom('in forward'), KeyboardInterrupt()], ids=['exception', 'KeyboardInterrupt'])
+@pytest.mark.parametrize('cls,hold', [(WeightDropout, False), (WeightDropout, True), (WeightNoise, False)])
+def test_fault_inside_wrapped_forward(exc, cls, hold):
+    "An exception or Ctrl-C inside the wrapped LSTM's forward, mid-batch: raws bit-identical, state_dict clean, eval and the next step work."
+    m = lstm_model(cls, hold_mask=hold)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m.train(); m(X)[0].sum().backward(); opt.step(); opt.zero_grad()   # one good step first
+    before = snapshot(m)
+    raw_objs = [m.raw_weight(n) for n in m.layer_names]
+    raise_in_forward(m.wrapped(), exc)
+    with pytest.raises(type(exc)): m(X)
+    assert [m.raw_weight(n) for n in m.layer_names] == raw_objs    # the very Parameters the optimizer holds
+    assert all(isinstance(p, nn.Parameter) for p in raw_objs)
+    assert_same_state(m, before)
+    assert_no_graph_on_modules(m)
+    m.eval()
+    with torch.no_grad(): out = m(X)[0]
+    assert torch.equal(out, plain_lstm_eval(m, X))
+    m.train()
+    loss = m(X)[0].pow(2).sum(); loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in raw_objs)
+    opt.step()
+    assert all(not torch.equal(m.raw_weight(n), before[r]) for n, r in zip(m.layer_names, m.raw_names))
+
+def test_fault_while_drawing_the_second_weight():
+    "An exception while the wrapper replaces its 2nd of 2 weights: the 1st is put back, nothing transient stays."
+    m = lstm_model(hold_mask=False)
+    assert len(m.layer_names) == 2
+    before = snapshot(m)
+    calls, orig = [], m.transform
+    def flaky(raw):
+        calls.append(1)
+        if len(calls) == 2: raise Boom('second draw')
+        return orig(raw)
+    m.transform = flaky
+    m.train()
+    with pytest.raises(Boom): m(X)
+    del m.transform
+    assert_same_state(m, before)
+    assert_no_graph_on_modules(m)
+    for n in m.layer_names:        # the module holds the raw values, not a half-dropped weight
+        assert torch.equal(getattr(m.wrapped(), n), m.raw_weight(n).detach())
+    m.eval()
+    with torch.no_grad(): assert torch.equal(m(X)[0], plain_lstm_eval(m, X))
+
+@pytest.mark.parametrize('exc', [Boom('in embedding'), KeyboardInterrupt()], ids=['exception', 'KeyboardInterrupt'])
+def test_fault_inside_embedding_dropout(exc):
+    "EmbeddingDropout keeps the weight on the embedding: after a fault the embedding holds its own Parameter again, scale is forgotten."
+    torch.manual_seed(0)
+    emb = nn.Embedding(20, 4)
+    weight = emb.weight
+    ed = EmbeddingDropout(emb, 0.3)
+    before = snapshot(ed)
+    words = torch.randint(0, 20, (2, 7))
+    raise_in_forward(ed.emb, exc)
+    with pytest.raises(type(exc)): ed(words, scale=2.0)
+    assert ed.emb.weight is weight and isinstance(ed.emb.weight, nn.Parameter)
+    assert_same_state(ed, before)
+    ed.eval()
+    assert torch.equal(ed(words), F.embedding(words, weight))   # no leftover scale
+    ed.train(); ed(words).sum().backward()
+    assert weight.grad is not None
+
+def tiny_lm():
+    torch.manual_seed(0)
+    cfg = dict(emb_sz=8, n_hid=12, n_layers=2, pad_token=1, bidir=False, output_p=0.1, hidden_p=0.1, input_p=0.1,
+               embed_p=0.1, weight_p=0.5, tie_weights=True, out_bias=True)
+    return get_language_model(AWD_LSTM, 30, config=cfg)
+
+@pytest.mark.parametrize('exc', [Boom('layer 2'), KeyboardInterrupt()], ids=['exception', 'KeyboardInterrupt'])
+def test_fault_in_second_lstm_layer_of_awd_lstm(exc):
+    "A fault in the 2nd LSTM of an AWD-LSTM LM, after the 1st ran: weights, hidden state and eval outputs are as before."
+    model = tiny_lm()
+    x = torch.randint(0, 30, (2, 9), generator=torch.Generator().manual_seed(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train(); model(x)[0].sum().backward(); opt.step(); opt.zero_grad()
+    before, hidden = snapshot(model), [tuple(h.clone() for h in hs) for hs in model[0].hidden]
+    raise_in_forward(model[0].rnns[1].wrapped(), exc)
+    with pytest.raises(type(exc)): model(x)
+    assert_same_state(model, before)
+    assert_no_graph_on_modules(model)
+    assert all(torch.equal(a, b) for hs, gs in zip(model[0].hidden, hidden) for a, b in zip(hs, gs))
+    reference = tiny_lm(); reference.load_state_dict(before)
+    model.eval(); reference.eval(); model.reset(); reference.reset()
+    with torch.no_grad(): assert torch.equal(model(x)[0], reference(x)[0])
+    model.train(); model(x)[0].sum().backward(); opt.step()
+    assert not torch.equal(model[0].rnns[1].weight_hh_l0_raw, before['0.rnns.1.weight_hh_l0_raw'])
+
+# fastai fits stopped in the middle of a batch
+
+def regression_learner(cbs=()):
+    "A small MLP with DropConnect on both Linears; data that it can fit."
+    torch.manual_seed(0)
+    x = torch.randn(64, 8); y = x @ torch.randn(8, 1)
+    ds = list(zip(x, y))
+    dls = DataLoaders(DataLoader(ds, bs=8, shuffle=True), DataLoader(ds[:16], bs=8), device='cpu')
+    model = nn.Sequential(WeightDropout(nn.Linear(8, 16), 0.5), nn.ReLU(), WeightDropout(nn.Linear(16, 1), 0.3))
+    learn = Learner(dls, model, loss_func=nn.MSELoss(), opt_func=SGD, lr=0.05, cbs=list(cbs))
+    return learn
+
+def plain_mlp_eval(model, x):
+    "The MLP computed by hand from the raw weights: the eval reference."
+    l1, l2 = model[0], model[2]
+    h = F.relu(F.linear(x, l1.weight_raw, l1.wrapped().bias))
+    return F.linear(h, l2.weight_raw, l2.wrapped().bias)
+
+class FailAt(Callback):
+    "Raise `exc` at `event` of training batch number `n`."
+    order = 60
+    def __init__(self, exc, event='after_pred', n=3): self.exc, self.event, self.n = exc, event, n
+    def _maybe(self, event):
+        if self.training and event == self.event and self.iter == self.n: raise self.exc
+    def after_pred(self): self._maybe('after_pred')
+    def after_backward(self): self._maybe('after_backward')
+    def before_step(self): self._maybe('before_step')
+
+def assert_eval_ready(learn, x):
+    "eval outputs are exactly the raw-weight MLP's, through the module and through fastai's get_preds, and nothing holds a graph."
+    model = learn.model
+    assert_no_graph_on_modules(model)
+    model.eval()
+    with torch.no_grad(): assert torch.equal(model(x), plain_mlp_eval(model, x))
+    preds, _ = learn.get_preds()
+    with torch.no_grad(): ref = plain_mlp_eval(model, torch.stack([b for b, _ in learn.dls.valid.dataset]))
+    assert torch.equal(preds, ref)
+
+CASES = [(CancelFitException(), 'after_pred'), (CancelFitException(), 'after_backward'),
+         (Boom('mid-batch'), 'after_pred'), (Boom('mid-batch'), 'before_step'), (KeyboardInterrupt(), 'after_backward')]
+IDS = ['cancel-after_pred', 'cancel-after_backward', 'exception-after_pred', 'exception-before_step', 'ctrl_c-after_backward']
+
+@pytest.mark.parametrize('exc,event', CASES, ids=IDS)
+def test_fastai_fit_stopped_leaves_model_eval_ready(exc, event):
+    "A fit cancelled or crashed mid-batch (no ResampleCallback): eval outputs are the raw-weight outputs, and the next fit trains."
+    learn = regression_learner()
+    x = torch.randn(5, 8)
+    with learn.no_bar(), learn.no_logging():
+        if isinstance(exc, CancelFitException): learn.fit(1, cbs=FailAt(exc, event))
+        else:
+            with pytest.raises(type(exc)): learn.fit(1, cbs=FailAt(exc, event))
+        assert_eval_ready(learn, x)
+        before = snapshot(learn.model)
+        learn.fit(1)
+    assert not torch.equal(learn.model[0].weight_raw.detach(), before['0.weight_raw'])
+
+@pytest.mark.parametrize('exc,event', CASES[:2], ids=IDS[:2])
+def test_resample_callback_cancelled_fit_restores_wrappers(exc, event):
+    "ResampleCallback, fit cancelled mid-batch: hold_mask and generator are given back, eval is exact, the next fit resamples."
+    gen = torch.Generator().manual_seed(5)
+    learn = regression_learner([ResampleCallback(seed=0)])
+    learn.model[2].generator = gen
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, cbs=FailAt(exc, event))
+        assert [m.hold_mask for m in (learn.model[0], learn.model[2])] == [False, False]
+        assert learn.model[0].generator is None and learn.model[2].generator is gen
+        assert_eval_ready(learn, torch.randn(5, 8))
+        learn.fit(1)
+    assert [m.hold_mask for m in (learn.model[0], learn.model[2])] == [False, False]
+
+@pytest.mark.xfail(strict=True, reason="bug: ResampleCallback restores hold_mask/generator only in after_fit/after_cancel_fit, "
+                   "which fastai does not call when fit raises anything but CancelFitException")
+@pytest.mark.parametrize('exc,event', CASES[2:], ids=IDS[2:])
+def test_resample_callback_crashed_fit_restores_wrappers(exc, event):
+    "ResampleCallback, fit crashed mid-batch: the wrappers get their own hold_mask and generator back."
+    learn = regression_learner([ResampleCallback(seed=0)])
+    with learn.no_bar(), learn.no_logging():
+        with pytest.raises(type(exc)): learn.fit(1, cbs=FailAt(exc, event))
+    assert_eval_ready(learn, torch.randn(5, 8))     # eval itself is fine: in eval no mask is applied
+    assert [m.hold_mask for m in (learn.model[0], learn.model[2])] == [False, False]
+    assert [m.generator for m in (learn.model[0], learn.model[2])] == [None, None]
+
+@pytest.mark.xfail(strict=True, reason="bug: after a crashed fit, the next fit's ResampleCallback.before_fit saves the "
+                   "hold_mask=True/seeded generator it left behind as the originals, so they are never given back")
+def test_resample_callback_next_fit_after_crash_restores_originals():
+    "A crash, then a successful fit: the wrappers end with the settings they had before either fit."
+    learn = regression_learner([ResampleCallback(seed=0)])
+    with learn.no_bar(), learn.no_logging():
+        with pytest.raises(Boom): learn.fit(1, cbs=FailAt(Boom('x'), 'after_pred'))
+        learn.fit(1)
+    assert [m.hold_mask for m in (learn.model[0], learn.model[2])] == [False, False]
+    assert [m.generator for m in (learn.model[0], learn.model[2])] == [None, None]
+
+# Soak
+
+class Soak(Callback):
+    "Time every training batch; count live tensors and the RSS at a few batches."
+    order = 99
+    def __init__(self, probes): self.probes, self.times, self.counts, self.rss, self.graphs = probes, [], {}, {}, 0
+    def before_batch(self): self.t0 = time.perf_counter()
+    def after_batch(self):
+        if not self.training: return
+        self.times.append(time.perf_counter() - self.t0)
+        i = len(self.times)
+        if i in self.probes:
+            self.learn.loss_grad = self.learn.pred = None   # this batch's graph may be freed; a leaked one would stay
+            gc.collect()
+            with warnings.catch_warnings():   # isinstance on some deprecated torch objects warns
+                warnings.simplefilter('ignore')
+                self.counts[i] = sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+            self.losses_at = getattr(self, 'losses_at', {}); self.losses_at[i] = len(self.learn.recorder.losses)
+            with open('/proc/self/statm') as f: self.rss[i] = int(f.read().split()[1]) * 4096
+        self.graphs += sum(getattr(m.wrapped(), n).grad_fn is not None
+                           for m in self.learn.model.modules() if isinstance(m, WeightHijacker) for n in m.layer_names)
+
+class LastStep(nn.Module):
+    "Take the LSTM's output at the last time step."
+    def forward(self, out): return out[0][:, -1]
+
+@pytest.mark.slow
+def test_soak_2000_steps_no_leak():
+    "2,000 steps of a WeightDropout LSTM with ResampleCallback: live tensors and RSS stay flat, step time does not creep."
+    n, probes = 2000, (200, 1000, 2000)
+    torch.manual_seed(0)
+    x = torch.randn(n * 8, 12, 6); y = x[:, :, 0].sum(1, keepdim=True)
+    ds = list(zip(x, y))
+    dls = DataLoaders(DataLoader(ds, bs=8, shuffle=True), DataLoader(ds[:16], bs=8), device='cpu')
+    model = nn.Sequential(WeightDropout(nn.LSTM(6, 32, batch_first=True), 0.5), LastStep(), nn.Linear(32, 1))
+    soak = Soak(probes)
+    learn = Learner(dls, model, loss_func=nn.MSELoss(), opt_func=SGD, lr=0.01, cbs=[ResampleCallback(seed=0), soak])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    finally: torch.set_num_threads(threads)
+    assert len(soak.times) == n and soak.graphs == 0
+    # fastai's Recorder keeps one smoothed-loss tensor per batch on purpose; every other tensor must stay put
+    growth = {i: soak.counts[i] - soak.counts[200] - (soak.losses_at[i] - soak.losses_at[200]) for i in probes}
+    assert all(abs(g) <= 5 for g in growth.values()), (soak.counts, soak.losses_at)
+    # One step's graph is ~ 8*12*32*4 B * dozens of saved tensors; 1,800 leaked graphs would be hundreds of MB
+    assert soak.rss[2000] - soak.rss[200] < 40e6, soak.rss
+    first, last = statistics.median(soak.times[200:400]), statistics.median(soak.times[-200:])
+    assert last < 2.5 * first, (first, last)     # a leak check (work growing per step), not a speed target
+
+@pytest.mark.xfail(strict=True, reason="bug: ResampleCallback.before_fit stores `self.modules`, shadowing Learner.modules, "
+                   "so fastai warns 'You are shadowing an attribute (modules)' on every fit")
+def test_resample_callback_fit_does_not_warn():
+    learn = regression_learner([ResampleCallback(seed=0)])
+    with warnings.catch_warnings():
+        warnings.filterwarnings('error', message='You are shadowing')
+        with learn.no_bar(), learn.no_logging(): learn.fit(1)
