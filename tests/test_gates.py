@@ -318,7 +318,7 @@ def dls(n=256, bs=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=g); y = torch.sin(2 * x[:, :1]) + 0.5 * x[:, 1:2]
     cut = n * 3 // 4
-    return DataLoaders.from_dsets(list(zip(x[:cut], y[:cut])), list(zip(x[cut:], y[cut:])), bs=bs, shuffle=False)
+    return DataLoaders.from_dsets(list(zip(x[:cut], y[:cut])), list(zip(x[cut:], y[cut:])), bs=bs, shuffle=False, num_workers=0)
 
 
 def two_gate_net(seed=0):
@@ -339,7 +339,7 @@ def test_gate_callback_same_choices_for_same_seed_independent_across_gates():
     def run(net_seed):
         rec = Record()
         learn = Learner(dls(), two_gate_net(net_seed), loss_func=MSELossFlat(), cbs=[GateCallback(seed=7), rec])
-        with learn.no_bar(), learn.no_logging(): learn.fit(3, 1e-2)
+        with learn.no_logging(): learn.fit(3, 1e-2)
         return rec.log
     a, b = run(0), run(1)      # like two ranks: different weights and global RNG, same seed
     assert a == b and len(a) == 3 * 6
@@ -349,7 +349,7 @@ def test_gate_callback_same_choices_for_same_seed_independent_across_gates():
 def test_gate_callback_counts_and_stats_table():
     learn = Learner(dls(), two_gate_net(), loss_func=MSELossFlat(), cbs=GateCallback(seed=0))
     rec = Record(); learn.add_cb(rec)
-    with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-2)
+    with learn.no_logging(): learn.fit(2, 1e-2)
     df = show_gate_stats(learn)
     assert list(df.columns) == ['gate', 'branch', 'chosen', 'share', 'expected'] and len(df) == 8
     for gi, name in enumerate(['0', '2']):
@@ -362,7 +362,7 @@ def test_gate_callback_clears_off_grads_for_fastai_optimizers():
     for opt in (lambda *a, **k: SGD(*a, mom=0.9, **k), Adam):
         net = two_gate_net()
         learn = Learner(dls(), net, loss_func=MSELossFlat(), opt_func=opt, wd=0.1, cbs=GateCallback(seed=1))
-        with learn.no_bar(), learn.no_logging():
+        with learn.no_logging():
             learn.fit(1, 1e-2)
             net[0].p = [0, 0, 1.0, 0]              # from now on only branch 2 of the first gate
             before = sd_clone(net[0])
@@ -375,7 +375,7 @@ def test_gate_callback_clears_off_grads_for_fastai_optimizers():
 def test_gate_callback_valid_fixed_equals_exported_subnet():
     learn = Learner(dls(), two_gate_net(), loss_func=MSELossFlat(),
                     cbs=GateCallback(valid='fixed', valid_choices=[3, 1]))
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    with learn.no_logging(): learn.fit(1, 1e-2)
     sub = export_subnet(learn.model, [3, 1]).eval()
     xs, ys = zip(*learn.dls.valid_ds)
     with torch.no_grad(): ref = F.mse_loss(sub(torch.stack(xs)), torch.stack(ys)).item()
@@ -385,7 +385,7 @@ def test_gate_callback_valid_fixed_equals_exported_subnet():
 def test_gate_callback_valid_most():
     cb = GateCallback(valid='fixed', valid_choices='most', seed=0)
     learn = Learner(dls(), two_gate_net(), loss_func=MSELossFlat(), cbs=cb)
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    with learn.no_logging(): learn.fit(1, 1e-2)
     most = cb.most_chosen()
     for n, c in most.items(): assert cb.counts[n][c[0]] == max(cb.counts[n])
     sub = export_subnet(learn.model, most).eval()
@@ -405,9 +405,9 @@ class Stop(Callback):
 def test_interrupted_fit_leaves_model_eval_ready(when, exc):
     net = two_gate_net()
     learn = Learner(dls(), net, loss_func=MSELossFlat(),
-                    cbs=[GateCallback(valid='fixed', valid_choices=[0, 0], ddp=True), Stop(when, exc())])
+                    cbs=[GateCallback(valid='fixed', valid_choices=[0, 0], ddp=True), Stop(when, exc('stop'))])
     try:
-        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+        with learn.no_logging(): learn.fit(1, 1e-2)
     except (RuntimeError, KeyboardInterrupt): pass
     if exc is CancelFitException:   # fastai runs after_cancel_fit: the callback cleaned up by itself
         for g in G.gates(net).values(): assert g._held_seed is None and g._override is None
