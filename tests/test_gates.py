@@ -418,3 +418,12 @@ def test_interrupted_fit_leaves_model_eval_ready(when, exc):
         expect = net[4](F.relu(sum(b(h) for b in net[2].branches)))   # the gates' own eval_mode='all'
         assert torch.equal(net(x), expect)
     for g in G.gates(net).values(): assert g._held_seed is None and g._override is None and g._keep_graph is None
+
+
+def test_fixed_gate_in_training_reports_its_off_branches():
+    "After fix_gates, a training step's off branches are the unchosen ones (not a stale sampled set)."
+    g = RandomGate(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3), combine='sum', seed=0, ddp=True)
+    g.sample(step=0); g(torch.randn(2, 3))
+    fix_gates(g, 2)
+    g(torch.randn(2, 3)).sum().backward(); clear_off_grads(g)
+    assert [b.weight.grad is None for b in g.branches] == [True, True, False]

@@ -126,6 +126,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'weightdrop.gates.ChosenBranches.forward': ('gates.html#chosenbranches.forward', 'weightdrop/gates.py'),
                                   'weightdrop.gates.RandomGate': ('gates.html#randomgate', 'weightdrop/gates.py'),
                                   'weightdrop.gates.RandomGate.__init__': ('gates.html#randomgate.__init__', 'weightdrop/gates.py'),
+                                  'weightdrop.gates.RandomGate._apply': ('gates.html#randomgate._apply', 'weightdrop/gates.py'),
                                   'weightdrop.gates.RandomGate._check_p': ('gates.html#randomgate._check_p', 'weightdrop/gates.py'),
                                   'weightdrop.gates.RandomGate._combine_shape': ( 'gates.html#randomgate._combine_shape',
                                                                                   'weightdrop/gates.py'),
