@@ -427,3 +427,24 @@ def test_fixed_gate_in_training_reports_its_off_branches():
     fix_gates(g, 2)
     g(torch.randn(2, 3)).sum().backward(); clear_off_grads(g)
     assert [b.weight.grad is None for b in g.branches] == [True, True, False]
+
+
+def test_exported_subnet_pickles(tmp_path):
+    "torch.save of the whole exported model (fastai's export does this) and load give the same outputs."
+    sub = export_subnet(supernet(), [0, (1,), 1]).eval()
+    torch.save(sub, tmp_path / 'sub.pt')
+    back = torch.load(tmp_path / 'sub.pt', weights_only=False)
+    x = torch.randn(3, 4)
+    with torch.no_grad(): assert torch.equal(back(x), sub(x))
+
+
+@pytest.mark.gpu
+def test_gate_on_cuda_keeps_everything_on_the_device():
+    dev = torch.device('cuda')
+    g = RandomGate(nn.Linear(4, 3), nn.Linear(4, 5), combine='cat', per_sample=True, seed=0).to(dev)
+    x = torch.randn(16, 4, device=dev)
+    y = g(x)
+    assert y.device.type == 'cuda' and y.shape == (16, 8)
+    y.sum().backward()
+    sub = export_subnet(fix_gates(copy.deepcopy(g).cpu(), 1).to(dev))
+    assert sub(x).device.type == 'cuda'
