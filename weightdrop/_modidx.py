@@ -35,6 +35,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                               'weightdrop/callbacks.py'),
                                       'weightdrop.callbacks.ResampleCallback.before_fit': ( 'callbacks.html#resamplecallback.before_fit',
                                                                                             'weightdrop/callbacks.py'),
+                                      'weightdrop.callbacks.ResampleCallback.before_train': ( 'callbacks.html#resamplecallback.before_train',
+                                                                                              'weightdrop/callbacks.py'),
                                       'weightdrop.callbacks.ResampleCallback.before_validate': ( 'callbacks.html#resamplecallback.before_validate',
                                                                                                  'weightdrop/callbacks.py'),
                                       'weightdrop.callbacks.hijackers': ('callbacks.html#hijackers', 'weightdrop/callbacks.py')},
