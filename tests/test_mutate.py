@@ -293,3 +293,12 @@ def test_mutate_callback_epochs_only():
     from weightdrop.mutate_callbacks import MutateCallback
     cb = MutateCallback(0.5, 0.1, every='epoch', epochs=[1]); learn = _learn(cb); learn.fit(3, 0.)
     assert [e for e, _ in cb.applied] == [1]
+
+@pytest.mark.parametrize('p,n', [(1e-7, 10**7), (2e-6, 10**6), (0.5, 101)])
+def test_count_is_binomial_at_extreme_p(p, n):
+    "Tiny and mid p: the number of mutated elements has the Binomial(n, p) mean and variance."
+    g, draws = torch.Generator().manual_seed(4), 1000
+    c = torch.tensor([bernoulli_positions(n, p, g).numel() for _ in range(draws)], dtype=torch.float64)
+    mean, var = n * p, n * p * (1 - p)
+    assert abs(c.mean().item() - mean) < 6 * math.sqrt(var / draws)
+    assert abs(c.var().item() - var) < 6 * var * math.sqrt(2 / draws) + 6 * math.sqrt(mean / draws)
