@@ -302,3 +302,12 @@ def test_count_is_binomial_at_extreme_p(p, n):
     mean, var = n * p, n * p * (1 - p)
     assert abs(c.mean().item() - mean) < 6 * math.sqrt(var / draws)
     assert abs(c.var().item() - var) < 6 * var * math.sqrt(2 / draws) + 6 * math.sqrt(mean / draws)
+
+def test_saved_non_leaf_view_detected():
+    "A non-leaf tensor (a view of a leaf) saved by a graph is detected too: no gradient accumulator to discount."
+    base = torch.randn(4, 3, requires_grad=True)
+    v = base[:2]
+    out = (v * v).sum()
+    with pytest.raises(RuntimeError, match='saved for backward'): mutate_([v], 1., 0.1)
+    out.backward()
+    assert torch.equal(base.grad[:2], 2 * base[:2].detach()) and (base.grad[2:] == 0).all()
