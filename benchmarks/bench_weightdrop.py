@@ -44,6 +44,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--reps', type=int, default=40)
     ap.add_argument('--p', type=float, default=0.5, help='weight dropout probability')
+    ap.add_argument('--only', choices=('large', 'small'), help='run one size only')
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f'torch {torch.__version__}, {torch.get_num_threads()} thread, CPU, weight_p={args.p}, '
@@ -51,6 +52,7 @@ def main():
     print('| size (bs, seq, in->hid) | plain nn.LSTM ms | fastai ms (ratio) | weightdrop ms (ratio) | target |')
     print('|---|---|---|---|---|')
     for s in SIZES:
+        if args.only and (args.only == 'large') != (s['bs'] == 64): continue
         med = bench(s['bs'], s['seq'], s['n_in'], s['n_hid'], args.reps, args.p)
         plain = med['plain nn.LSTM']
         fa, ours = med['fastai WeightDropout'], med['weightdrop WeightDropout']
