@@ -174,6 +174,8 @@ def test_embedding_wrapped_again():
     check_error(lambda: EmbeddingDropout(emb, 0.2), ed, 'emb')
     check_error(lambda: EmbeddingDropout(ed, 0.2), ed, 'emb', types=TypeError)
     check_error(lambda: WeightDropout(emb, 0.2), ed, 'layer_names')
+    emb2 = nn.Embedding(6, 3); wd = WeightDropout(emb2, 0.2)   # weight moved to the wrapper
+    check_error(lambda: EmbeddingDropout(emb2, 0.2), wd, 'emb')
 
 @SETTINGS
 @given(attr=st.one_of(st.sampled_from(['forward', 'training', 'layer_names', 'weight_hh_l0_raw', 'resample', '_x', 'a b', 'class',
