@@ -324,14 +324,16 @@ def test_torchnlp_75_kwargs_reach_module():
 
 # torch.nn.utils.parametrize
 
-def test_parametrize_one_mask_per_weight_per_lstm_call():
+def test_parametrize_one_mask_per_weight_per_lstm_call(monkeypatch):
     "ANCHORS (parametrize): without `cached()`, the parametrization runs 4 times per LSTM forward (4 masks, last one used)."
-    calls = []
-    class Counting(WeightDropout):
-        def sample(self, raw): calls.append(1); return super().sample(raw)
-    wd = Counting(nn.LSTM(4, 5, num_layers=2, bidirectional=True), 0.5, generator=torch.Generator().manual_seed(0))
-    wd(_x(3, 2, 4))
-    assert len(calls) == len(wd.layer_names) == 4
+    import weightdrop.dropout as D
+    draws, keep_mask = [], D._keep_mask
+    monkeypatch.setattr(D, '_keep_mask', lambda *a, **k: draws.append(1) or keep_mask(*a, **k))
+    for per in ('element', 'row'):
+        draws.clear()
+        wd = WeightDropout(nn.LSTM(4, 5, num_layers=2, bidirectional=True), 0.5, per=per)
+        wd(_x(3, 2, 4))
+        assert len(draws) == len(wd.layer_names) == 4
 
 def test_parametrize_state_dict_loads_into_and_from_plain():
     "ANCHORS (parametrize): the key becomes `parametrizations.<name>.original`, so it won't load into or from a plain module."
@@ -396,5 +398,45 @@ def test_naming_hazard_drops_weights_not_samples():
     m = wd.module.weight != 0
     assert (m.any(1) & ~m.all(1)).float().mean() > 0.99   # zeros are scattered inside rows, not whole units or samples
 
-# fastai's RNNRegularizer defects (TAR guard, AR/TAR left out of the logged loss, fastai/fastai#4119) belong to the
-# callbacks section, which weightdrop reuses from fastai: the lead appends them below.
+# fastai's RNNRegularizer (AR/TAR): weightdrop reuses fastai's callback (see nbs/31_callbacks), so these two defects are
+# still open. They are strict xfails: the day the callbacks section fixes them, they XPASS and fail, and the mark goes.
+
+def _run_rnn_regularizer(bs, sl, alpha=0., beta=0.):
+    from types import SimpleNamespace
+    from fastai.callback.rnn import RNNRegularizer
+    h = _x(bs, sl, 4)
+    loss = torch.tensor(1.)
+    learn = SimpleNamespace(training=True, rnn=SimpleNamespace(out=h, raw_out=h), loss=loss, loss_grad=loss.clone())
+    cb = RNNRegularizer(alpha=alpha, beta=beta); cb.learn = learn
+    cb.after_loss()
+    return learn
+
+@pytest.mark.xfail(strict=True, reason="fastai's RNNRegularizer: `if len(h)>1` tests the batch size (open; callbacks section)")
+def test_fastai_tar_guard_tests_sequence_length():
+    "ANCHORS (fastai): RNNRegularizer's TAR guard `if len(h)>1` tests the batch size, not the sequence length."
+    assert _run_rnn_regularizer(bs=1, sl=6, beta=1.).loss_grad > 1.   # one sequence of 6 steps: TAR applies
+
+@pytest.mark.xfail(strict=True, reason="fastai's RNNRegularizer adds AR/TAR to loss_grad only (open; callbacks section)")
+def test_fastai_ar_tar_in_logged_loss():
+    "ANCHORS (fastai): AR/TAR are left out of the logged loss."
+    learn = _run_rnn_regularizer(bs=4, sl=6, alpha=2., beta=1.)
+    assert torch.equal(learn.loss, learn.loss_grad)
+
+def test_fastai_4119_text_learner_keeps_ar_tar():
+    "fastai/fastai#4119: `TextLearner` silently dropped AR/TAR for a while. With weightdrop's AWD_LSTM they are there."
+    from fastai.text.all import TextLearner, DataLoaders, RNNRegularizer, CrossEntropyLossFlat
+    from fastai.text.models.core import get_language_model
+    x = torch.randint(0, 30, (16, 6))
+    dls = DataLoaders.from_dsets(list(zip(x[:8], x[:8])), list(zip(x[8:], x[8:])), bs=4)
+    model = get_language_model(AWD_LSTM, 30, config=dict(emb_sz=8, n_hid=12, n_layers=2, pad_token=1, hidden_p=0.1,
+                               input_p=0.1, embed_p=0.1, weight_p=0.5, bidir=False, output_p=0.1, tie_weights=True, out_bias=True))
+    learn = TextLearner(dls, model, loss_func=CrossEntropyLossFlat(), alpha=2., beta=1.)
+    regs = [cb for cb in learn.cbs if isinstance(cb, RNNRegularizer)]
+    assert len(regs) == 1 and (regs[0].alpha, regs[0].beta) == (2., 1.)
+    seen = []
+    class Spy(RNNRegularizer.__mro__[1]):   # a plain Callback that runs after the regularizer
+        order = RNNRegularizer.order + 1
+        def after_loss(self):
+            if self.training: seen.append((self.learn.loss.item(), self.learn.loss_grad.item()))
+    with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3, cbs=Spy())
+    assert seen and all(g > l for l, g in seen)   # AR/TAR were added to the loss that is backpropagated
