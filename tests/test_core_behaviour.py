@@ -230,3 +230,12 @@ def test_drop_rate_per_row_and_embedding():
         dropped = (out == 0).all(1)
         assert abs(dropped.float().mean().item() - p) < 6 * math.sqrt(p * (1 - p) / 4096)
         assert torch.equal(out[~dropped], ed.emb.weight.detach()[~dropped] / (1 - p))
+
+def test_unpickles_checkpoints_with_plain_per_and_mode():
+    "Whole-model pickles (fastai `export`) from before `per`/`mode` were validated attributes still load."
+    for w, name, val in ((WeightDropout(nn.Linear(3, 3), 0.5, per='row'), 'per', 'row'),
+                         (WeightNoise(nn.Linear(3, 3), 0.1, mode='multiplicative'), 'mode', 'multiplicative')):
+        w.__dict__[name] = w.__dict__.pop('_' + name)   # the old layout
+        back = pickle.loads(pickle.dumps(w))
+        assert getattr(back, name) == val and '_' + name in back.__dict__ and name not in back.__dict__
+        with torch.no_grad(): back(_x(1, 3))

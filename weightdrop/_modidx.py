@@ -45,6 +45,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'weightdrop.core.Choice.__set_name__': ('core.html#choice.__set_name__', 'weightdrop/core.py'),
                                  'weightdrop.core.WeightHijacker': ('core.html#weighthijacker', 'weightdrop/core.py'),
                                  'weightdrop.core.WeightHijacker.__init__': ('core.html#weighthijacker.__init__', 'weightdrop/core.py'),
+                                 'weightdrop.core.WeightHijacker.__setstate__': ( 'core.html#weighthijacker.__setstate__',
+                                                                                  'weightdrop/core.py'),
                                  'weightdrop.core.WeightHijacker._apply': ('core.html#weighthijacker._apply', 'weightdrop/core.py'),
                                  'weightdrop.core.WeightHijacker._check_alive': ( 'core.html#weighthijacker._check_alive',
                                                                                   'weightdrop/core.py'),
