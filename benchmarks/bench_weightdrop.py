@@ -1,0 +1,65 @@
+"""Forward+backward time of one LSTM batch: plain `nn.LSTM`, fastai's `WeightDropout`, weightdrop's `WeightDropout`.
+
+All three run in one process, interleaved rep by rep (so machine noise hits them alike), on 1 thread; we report medians
+and ratios to plain. Targets (issue 2): <= 1.03x plain at (bs 64, seq 70, 400->1152), <= 1.20x at (bs 8, seq 20, 64->64).
+Missing a target is reported, never an error: this is a measurement, not a test.
+
+    PYTHONPATH=. python benchmarks/bench_weightdrop.py [--reps-large 40] [--reps-small 600] [--p 0.5] [--only small|large]
+"""
+import argparse, statistics, time, warnings
+import torch
+from torch import nn
+from fastai.text.models.awdlstm import WeightDropout as FastaiWeightDropout
+from weightdrop.dropout import WeightDropout
+
+SIZES = [dict(bs=64, seq=70, n_in=400, n_hid=1152, target=1.03, reps=40), dict(bs=8, seq=20, n_in=64, n_hid=64, target=1.20, reps=600)]
+
+def step(model, x):
+    "One forward+backward, timed."
+    t0 = time.perf_counter()
+    out = model(x)[0]
+    out.sum().backward()
+    return time.perf_counter() - t0
+
+def bench(bs, seq, n_in, n_hid, reps, p, warmup=3):
+    torch.manual_seed(0)
+    lstm = lambda: nn.LSTM(n_in, n_hid, batch_first=True)
+    models = {'plain nn.LSTM': lstm(),
+              'fastai WeightDropout': FastaiWeightDropout(lstm(), p),
+              'weightdrop WeightDropout': WeightDropout(lstm(), p)}
+    for m in models.values(): m.train()
+    x = torch.randn(bs, seq, n_in)
+    times = {k: [] for k in models}
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # fastai's wrapper warns about non-contiguous weights on some builds
+        for r in range(warmup + reps):
+            order = list(models) if r % 2 == 0 else list(models)[::-1]  # alternate the order too
+            for k in order:
+                models[k].zero_grad(set_to_none=True)
+                t = step(models[k], x)
+                if r >= warmup: times[k].append(t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--reps-large', type=int, default=SIZES[0]['reps'], help='reps at (64, 70, 400->1152), ~1 s each')
+    ap.add_argument('--reps-small', type=int, default=SIZES[1]['reps'], help='reps at (8, 20, 64->64), ~0.5 ms each')
+    ap.add_argument('--p', type=float, default=0.5, help='weight dropout probability')
+    ap.add_argument('--only', choices=('large', 'small'), help='run one size only')
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} thread, CPU, weight_p={args.p}, '
+          f'median of {args.reps_large} (large) / {args.reps_small} (small) interleaved reps, forward+backward of one batch\n')
+    print('| size (bs, seq, in->hid) | plain nn.LSTM ms | fastai ms (ratio) | weightdrop ms (ratio) | target |')
+    print('|---|---|---|---|---|')
+    for s in SIZES:
+        if args.only and (args.only == 'large') != (s['bs'] == 64): continue
+        reps = args.reps_large if s['bs'] == 64 else args.reps_small
+        med = bench(s['bs'], s['seq'], s['n_in'], s['n_hid'], reps, args.p)
+        plain = med['plain nn.LSTM']
+        fa, ours = med['fastai WeightDropout'], med['weightdrop WeightDropout']
+        ok = 'met' if ours / plain <= s['target'] else 'missed'
+        print(f"| {s['bs']}, {s['seq']}, {s['n_in']}->{s['n_hid']} | {plain*1e3:.2f} | {fa*1e3:.2f} ({fa/plain:.3f}x) "
+              f"| {ours*1e3:.2f} ({ours/plain:.3f}x) | <= {s['target']:.2f}x ({ok}) |")
+
+if __name__ == '__main__': main()
