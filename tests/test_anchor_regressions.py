@@ -1,8 +1,5 @@
-"""Regression tests for the defects of the public implementations listed in ../shared/ANCHORS.md.
-
-Each test is named after one defect, reproduces what the user reported, and shows it cannot happen with weightdrop.
-The reference (owner/repo#issue, or the ANCHORS.md bullet) is in each docstring.
-"""
+"""Every user-reported defect of the anchors (../shared/ANCHORS.md), pinned: one named regression test each, with
+the issue or thread in its docstring. Sections: weight dropout, random gates, mutation and no-grad updates."""
 import copy, io, math, pickle, socket, warnings
 import pytest
 import torch
@@ -11,6 +8,14 @@ from torch.optim.swa_utils import AveragedModel
 from weightdrop.core import WeightHijacker
 from weightdrop.dropout import WeightDropout, EmbeddingDropout
 from weightdrop.awdlstm import AWD_LSTM
+import os, random
+import numpy as np
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from weightdrop.gates import RandomGate, clear_off_grads, recalibrate_bn, stochastic_depth, gates
+from torch.nn.utils import parameters_to_vector
+from torch.utils._python_dispatch import TorchDispatchMode
+from weightdrop.mutate import mutate_, update_weights_
 
 def _x(*shape, seed=0): return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
@@ -398,12 +403,11 @@ def test_naming_hazard_drops_weights_not_samples():
     m = wd.module.weight != 0
     assert (m.any(1) & ~m.all(1)).float().mean() > 0.99   # zeros are scattered inside rows, not whole units or samples
 
-# fastai's RNNRegularizer (AR/TAR): weightdrop reuses fastai's callback (see nbs/31_callbacks), so these two defects are
-# still open. They are strict xfails: the day the callbacks section fixes them, they XPASS and fail, and the mark goes.
+# fastai's RNNRegularizer (AR/TAR): weightdrop's `RNNRegularizer` is fastai's with these two defects fixed (nbs/31_callbacks).
 
 def _run_rnn_regularizer(bs, sl, alpha=0., beta=0.):
     from types import SimpleNamespace
-    from fastai.callback.rnn import RNNRegularizer
+    from weightdrop.callbacks import RNNRegularizer
     h = _x(bs, sl, 4)
     loss = torch.tensor(1.)
     learn = SimpleNamespace(training=True, rnn=SimpleNamespace(out=h, raw_out=h), loss=loss, loss_grad=loss.clone())
@@ -411,12 +415,10 @@ def _run_rnn_regularizer(bs, sl, alpha=0., beta=0.):
     cb.after_loss()
     return learn
 
-@pytest.mark.xfail(strict=True, reason="fastai's RNNRegularizer: `if len(h)>1` tests the batch size (open; callbacks section)")
 def test_fastai_tar_guard_tests_sequence_length():
     "ANCHORS (fastai): RNNRegularizer's TAR guard `if len(h)>1` tests the batch size, not the sequence length."
     assert _run_rnn_regularizer(bs=1, sl=6, beta=1.).loss_grad > 1.   # one sequence of 6 steps: TAR applies
 
-@pytest.mark.xfail(strict=True, reason="fastai's RNNRegularizer adds AR/TAR to loss_grad only (open; callbacks section)")
 def test_fastai_ar_tar_in_logged_loss():
     "ANCHORS (fastai): AR/TAR are left out of the logged loss."
     learn = _run_rnn_regularizer(bs=4, sl=6, alpha=2., beta=1.)
@@ -440,3 +442,306 @@ def test_fastai_4119_text_learner_keeps_ar_tar():
             if self.training: seen.append((self.learn.loss.item(), self.learn.loss_grad.item()))
     with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3, cbs=Spy())
     assert seen and all(g > l for l, g in seen)   # AR/TAR were added to the loss that is backpropagated
+
+
+# ---- random gates ----
+
+def _free_port():
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+def _choices(global_seed, steps=16):
+    "One 'rank': its own global RNG state, a gate built from the same config."
+    torch.manual_seed(global_seed); random.seed(global_seed); np.random.seed(global_seed)
+    g = RandomGate(*[nn.Linear(2, 2) for _ in range(4)], combine='sum', seed=0)
+    out = []
+    with torch.no_grad():
+        for step in range(steps):
+            g.sample(step=step); g(torch.ones(1, 2)); out.append(g.last_choice)
+            torch.rand(3); random.random(); np.random.rand()   # user code moving the global RNGs differently per rank
+    return out
+
+
+def test_nni_unseeded_random_state_differs_per_rank():
+    """microsoft/nni#5013: NNI's Categorical.random() used an unseeded RandomState, so DDP ranks drew different paths.
+    Here the choice depends only on (seed, step), not on any global RNG: two ranks with different global states agree."""
+    a, b = _choices(0), _choices(12345)
+    assert a == b
+    assert len(set(a)) > 1
+
+
+def test_spos_grad_sum_zero_heuristic():
+    """megvii-model/SinglePathOneShot: after backward SPOS sets grad=None where grad.sum()==0, a guess at which blocks
+    were off. An *enabled* branch whose gradient happens to be zero (a dead ReLU) would lose its momentum and weight
+    decay too. RandomGate knows which branches ran: only off branches get None."""
+    dead = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    with torch.no_grad(): dead[0].bias.fill_(-100.0)   # ReLU always 0: zero gradient although the branch runs
+    g = RandomGate(dead, nn.Linear(3, 3), combine='sum', seed=0)
+    opt = torch.optim.SGD(g.parameters(), lr=0.1, weight_decay=0.1)
+    saw_dead_on = False
+    for step in range(20):
+        g.sample(step=step); g(torch.randn(4, 3)).sum().backward(); clear_off_grads(g)
+        if g.last_choice == (0,):
+            saw_dead_on = True
+            assert dead[0].weight.grad is not None and dead[0].weight.grad.abs().sum() == 0
+            w = dead[0].weight.detach().clone(); opt.step()
+            assert torch.allclose(dead[0].weight, w * (1 - 0.1 * 0.1), rtol=1e-6, atol=0)   # weight decay applied
+        else:
+            assert dead[0].weight.grad is None
+            opt.step()
+        opt.zero_grad()
+    assert saw_dead_on
+
+
+def test_spos_bn_unstable_without_recalibration():
+    """megvii-model/ShuffleNet-Series#9: SPOS results are "unstable" unless BatchNorm statistics are re-estimated per
+    candidate. recalibrate_bn re-estimates them exactly for the fixed choice, so its eval output matches BatchNorm with
+    the statistics computed by hand over the data."""
+    torch.manual_seed(0)
+    def bb(scale): return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    net = nn.Sequential(RandomGate(bb(1), bb(2), combine='sum', seed=0))
+    data = [torch.randn(32, 3) * 3 + 2 for _ in range(3)]
+    for _ in range(5):
+        for xb in data: net(xb)   # supernet training: statistics of a mixture of subnets
+    recalibrate_bn(net, data, choices=[0])
+    net.eval()
+    lin, bn = net[0].branches[0]
+    with torch.no_grad():
+        h = [lin(xb) for xb in data]
+        mean = torch.stack([t.mean(0) for t in h]).mean(0); var = torch.stack([t.var(0) for t in h]).mean(0)
+        x = torch.randn(5, 3)
+        expect = (lin(x) - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias
+        assert torch.allclose(net(x), expect, atol=1e-5)
+
+
+def test_ofa_reseeds_global_random():
+    """Once-for-all seeds Python's global `random` from the step index so workers agree, which resets every other user
+    of `random`. RandomGate draws from its own generator: the global torch, Python and NumPy states do not move."""
+    g = RandomGate(*[nn.Linear(2, 2) for _ in range(3)], k=2, combine='cat', per_sample=True, seed=0)
+    torch.manual_seed(1); random.seed(1); np.random.seed(1)
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    with torch.no_grad():
+        for step in range(5): g.sample(step=step); g(torch.ones(4, 2))
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2])
+
+
+def test_drop_path_computes_then_masks():
+    """timm drop_path and torchvision StochasticDepth compute the block for every row and then multiply by a mask, which
+    saves nothing. stochastic_depth runs the block only on kept rows (per sample) and not at all when the whole batch
+    skips it."""
+    class Rows(nn.Module):
+        def __init__(self): super().__init__(); self.lin, self.rows = nn.Linear(4, 4), 0
+        def forward(self, x):
+            if not x.is_meta: self.rows += x.shape[0]
+            return self.lin(x)
+    blk = Rows()
+    sd = stochastic_depth(blk, 0.5, per_sample=True, seed=0)
+    with torch.no_grad(): sd(torch.randn(200, 4))
+    assert blk.rows == int(sd.last_choice[:, 0].sum()) < 200
+    blk2 = Rows()
+    batch = stochastic_depth(blk2, 0.5, per_sample=False, seed=0)
+    skipped = 0
+    with torch.no_grad():
+        for step in range(20):
+            before = blk2.rows; x = torch.randn(8, 4); y = batch(x)
+            if batch.last_choice == (1,): skipped += 1; assert blk2.rows == before and torch.equal(y, x)
+    assert skipped > 0
+
+
+def _ddp_world1(port):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=0, world_size=1)
+
+
+class _HandSwitch(nn.Module):
+    "The hand-written supernet: run one branch, ignore the other."
+    def __init__(self): super().__init__(); self.b = nn.ModuleList([nn.Linear(3, 3), nn.Linear(3, 3)]); self.i = 0
+    def forward(self, x): self.i += 1; return self.b[self.i % 2](x)
+
+
+def test_ddp_find_unused_false_expected_to_have_finished_reduction():
+    """pytorch/pytorch#18180, microsoft/nni#1962: a supernet under DDP with find_unused_parameters=False raises
+    "Expected to have finished reduction in the prior iteration"; static_graph=True raises "graph has changed".
+    With RandomGate(ddp=True) both settings train (one process, gloo, world size 1 is enough to reproduce it)."""
+    _ddp_world1(_free_port())
+    try:
+        hand = nn.parallel.DistributedDataParallel(_HandSwitch())
+        with pytest.raises(RuntimeError, match='Expected to have finished reduction'):
+            for _ in range(3): hand(torch.randn(2, 3)).sum().backward()
+        for static in (False, True):
+            torch.manual_seed(0)
+            net = nn.Sequential(RandomGate(nn.Linear(3, 3), nn.Sequential(nn.Linear(3, 3), nn.Tanh()), combine='sum',
+                                           ddp=True, seed=0))
+            ddp = nn.parallel.DistributedDataParallel(net, static_graph=static)
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+            seen = set()
+            for step in range(8):
+                net[0].sample(step=step); ddp(torch.randn(2, 3)).sum().backward()
+                clear_off_grads(net); opt.step(); opt.zero_grad(); seen.add(net[0].last_choice)
+            assert seen == {(0,), (1,)}
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_grads(rank, world, port, out):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+    torch.manual_seed(0)
+    net = nn.Sequential(RandomGate(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3), combine='sum', ddp=True))
+    ddp = nn.parallel.DistributedDataParallel(net)
+    x = torch.full((2, 3), float(rank + 1))
+    net[0].sample(step=4); ddp(x).sum().backward(); clear_off_grads(net)
+    (on,) = net[0].last_choice
+    torch.save((on, net[0].branches[on].weight.grad.clone()), os.path.join(out, f'{rank}.pt'))
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_ddp_rank_divergent_choices_divide_grad_by_world_size(tmp_path):
+    """ANCHORS.md, DDP tested: with find_unused_parameters=True but ranks choosing different branches, each branch's
+    gradient comes out divided by the world size. With step-seeded choices both ranks pick the same branch, and its
+    gradient is the plain mean of the ranks' gradients: for x = 1 and x = 2 rows, d(sum W x)/dW = 2 * mean(1, 2)."""
+    mp.spawn(_rank_grads, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    (on0, g0), (on1, g1) = (torch.load(tmp_path / f'{r}.pt') for r in (0, 1))
+    assert on0 == on1
+    assert torch.equal(g0, g1) and torch.allclose(g0, torch.full((3, 3), 2 * 1.5))
+
+
+@pytest.mark.parametrize('opt_name', ['sgd_momentum_wd', 'adamw'])
+def test_weight_decay_on_inactive_supernet_params(opt_name):
+    """walkerning/aw_nas#5, megvii-model/DetNAS#3: weight decay (and momentum) on the parameters of inactive supernet
+    branches over-regularizes them. A branch that is off gets grad None and is not moved by the optimizer at all."""
+    torch.manual_seed(0)
+    g = RandomGate(*[nn.Linear(4, 4) for _ in range(4)], combine='sum', seed=3)
+    opt = (torch.optim.SGD(g.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1) if opt_name == 'sgd_momentum_wd'
+           else torch.optim.AdamW(g.parameters(), lr=0.01, weight_decay=0.5))
+    x = torch.randn(8, 4)
+    for step in range(60):
+        before = [b.weight.detach().clone() for b in g.branches]
+        g.sample(step=step); g(x).pow(2).sum().backward(); clear_off_grads(g)
+        opt.step(); opt.zero_grad(set_to_none=False)   # zeroed, not deleted: the harder case
+        for i, b in enumerate(g.branches):
+            assert torch.equal(b.weight, before[i]) == (i not in g.last_choice)
+
+
+# ---- mutation and no-grad updates ----
+
+def bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+
+def test_evotorch_flat_vectors_not_modules_in_place():
+    """EvoTorch GaussianMutation works on flat decision vectors, not on modules in place: weightdrop mutates the
+    module's own Parameters (same objects, the optimizer and its state still track them), with no flat copy."""
+    m = mlp(); opt = torch.optim.Adam(m.parameters()); m(torch.randn(2, 3)).sum().backward(); opt.step()
+    ids, w0 = [id(p) for p in m.parameters()], m[0].weight.clone()
+    mutate_(m, 1., 0.1)
+    assert [id(p) for p in m.parameters()] == ids
+    assert all(p is q for p, q in zip(opt.param_groups[0]['params'], m.parameters()))
+    assert all(p in opt.state for p in m.parameters())
+    assert (m[0].weight != w0).all()
+
+def test_evotorch_own_seeded_generator_on_device():
+    """EvoTorch uses its own seeded torch.Generator on the problem's device: so does mutate_ (repeatable, and PyTorch's
+    global RNG is left alone); a generator on another device than a parameter is refused clearly."""
+    a, b = bn_net(), bn_net()
+    torch.manual_seed(5); rng = torch.get_rng_state()
+    for m in (a, b): mutate_(m, 0.3, 0.1, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert torch.equal(torch.get_rng_state(), rng)
+    with pytest.raises(ValueError, match='generator is on cpu but parameter'):
+        mutate_([torch.zeros(3, device='meta')], 1., 1., generator=torch.Generator())
+
+def test_pygad_torchga_state_dict_genes_mutate_batchnorm_stats():
+    """PyGAD torchga takes genes from state_dict(), so BatchNorm running statistics get mutated too: weightdrop
+    mutates parameters only, never buffers."""
+    net = bn_net(); net.train(); net(torch.randn(16, 4))           # non-trivial running stats
+    bufs = {k: v.clone() for k, v in net.named_buffers()}
+    mutate_(net, 1., 0.5)
+    assert all(torch.equal(v, bufs[k]) for k, v in net.named_buffers())
+
+def test_pygad_numpy_cpu_python_loops_global_rng():
+    """PyGAD works through numpy on the CPU with Python loops per gene and the global RNG: weightdrop draws with
+    torch on the parameter's device and dtype, in a number of random draws proportional to p*N (no per-gene loop),
+    from the given generator."""
+    class Draws(TorchDispatchMode):
+        def __init__(self): super().__init__(); self.ops = []
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(s in func.__name__ for s in ('rand', 'normal', 'uniform', 'bernoulli', 'geometric')):
+                self.ops.append((func.__name__, out.numel(), out.device, out.dtype))
+            return out
+    w = torch.zeros(100_000, dtype=torch.float64)
+    with Draws() as d: mutate_([w], 0.01, 1., generator=torch.Generator().manual_seed(0))
+    assert len(d.ops) <= 4                                      # a few vectorised draws, not one per gene
+    assert sum(n for _, n, *_ in d.ops) < 3 * 0.01 * 100_000 + 100
+    assert all(dev == w.device for *_, dev, _ in d.ops)
+    assert any(dt == torch.float64 for *_, dt in d.ops)         # the noise in the parameter's dtype
+
+def test_neat_per_gene_python_floats():
+    """neat-python mutates per-gene Python floats: weightdrop mutates whole tensors, and the result is distributed as
+    the per-element rule (each element w.p. p, N(0, strength^2) noise)."""
+    n, p, s = 200_000, 0.05, 0.3
+    w = torch.zeros(n)
+    mutate_([w], p, s, generator=torch.Generator().manual_seed(1))
+    d = w[w != 0].double(); k = d.numel()
+    assert abs(k / n - p) < 6 * math.sqrt(p * (1 - p) / n)
+    assert abs(d.mean()) < 6 * s / math.sqrt(k) and abs(d.std() - s) < 6 * s * math.sqrt(2 / k)
+
+def test_es_parameters_to_vector_copy_loses_update():
+    """estorch, pytorch-es and Uber deep-neuroevolution go through parameters_to_vector, a copy on the CPU: changing
+    it changes nothing. update_weights_ and mutate_ change the model itself."""
+    m = mlp(); before = [p.clone() for p in m.parameters()]
+    v = parameters_to_vector(m.parameters()); v.add_(1.)
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before))      # the common answer's update is lost
+    update_weights_(m, {'*': lambda w: w + 1})
+    assert all(torch.equal(p, q + 1) for p, q in zip(m.parameters(), before))
+
+def test_pytorch_inplace_saved_weight_cryptic_error():
+    """PyTorch: a no_grad in-place change to a weight autograd saved (Linear.weight) between forward and backward
+    makes backward() raise 'modified by an inplace operation', far from the cause. weightdrop raises at the change,
+    naming the parameter and the fix, and leaves everything unchanged."""
+    m = mlp(); loss = m(torch.randn(4, 3)).sum(); w0 = m[2].weight.clone()
+    with pytest.raises(RuntimeError, match=r"\['2.weight'\] are saved for backward.*after loss.backward\(\) and before "
+                                           r"the next forward"):
+        mutate_(m, 1., 0.1)
+    assert torch.equal(m[2].weight, w0)
+    loss.backward()
+
+def test_pytorch_bias_only_change_does_not_raise():
+    """PyTorch: changing only a bias between forward and backward does not raise (Linear does not save it), and the
+    gradient stays correct. weightdrop must not refuse it (no false positive)."""
+    m = mlp(); x = torch.randn(4, 3)
+    loss = m(x).sum()
+    mutate_(m, 1., 0.1, include='*.bias')
+    loss.backward()
+    ref = mlp(); ref(x).sum().backward()   # the gradient of the forward that ran, with the old biases
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(m.parameters(), ref.parameters()))
+
+def test_pytorch_data_add_silently_corrupts_gradient():
+    """PyTorch: .data.add_() never raises and silently computes the gradient with the new weight. weightdrop refuses
+    the change, so the gradient is exactly the one of the forward that ran."""
+    x = torch.randn(4, 3)
+    ref = mlp(); ref(x).sum().backward()
+    bad = mlp(); loss = bad(x).sum()
+    bad[2].weight.data.add_(1.)                      # the anchor: no error...
+    loss.backward()
+    assert not torch.equal(bad[0].weight.grad, ref[0].weight.grad)   # ...and a wrong gradient
+    ours = mlp(); loss = ours(x).sum()
+    with pytest.raises(RuntimeError, match='saved for backward'): mutate_(ours, 1., 1.)
+    loss.backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(ours.parameters(), ref.parameters()))
+
+def test_pytorch_rebinding_parameter_loses_optimizer():
+    """PyTorch's advice: never rebind the Parameter (the optimizer would lose it). update_weights_ writes into the
+    same Parameter, so an optimizer step after it still moves the model's weight."""
+    m = mlp(); opt = torch.optim.SGD(m.parameters(), lr=1.)
+    update_weights_(m, {'0.weight': lambda w: torch.zeros_like(w)})
+    assert opt.param_groups[0]['params'][0] is m[0].weight and m[0].weight.requires_grad and m[0].weight.is_leaf
+    m(torch.randn(4, 3)).sum().backward(); opt.step()
+    assert not torch.equal(m[0].weight, torch.zeros_like(m[0].weight))

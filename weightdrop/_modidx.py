@@ -92,6 +92,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'weightdrop.demo.parse_args': ('demo.html#parse_args', 'weightdrop/demo.py'),
                                  'weightdrop.demo.plot_curves': ('demo.html#plot_curves', 'weightdrop/demo.py'),
                                  'weightdrop.demo.results_table': ('demo.html#results_table', 'weightdrop/demo.py'),
+                                 'weightdrop.demo.rewind': ('demo.html#rewind', 'weightdrop/demo.py'),
                                  'weightdrop.demo.train_lm': ('demo.html#train_lm', 'weightdrop/demo.py')},
             'weightdrop.dropout': { 'weightdrop.dropout.EmbeddingDropout': ('dropout.html#embeddingdropout', 'weightdrop/dropout.py'),
                                     'weightdrop.dropout.EmbeddingDropout.__init__': ( 'dropout.html#embeddingdropout.__init__',
