@@ -66,3 +66,5 @@ torch.save(res, os.path.join(args.out, f'rank{rank}.pt'))
 learn.save('checkpoint', with_opt=False)   # fastai saves from rank 0 only
 dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)   # skip C++ teardown at exit: gloo threads sometimes abort it ('terminate called ...')
