@@ -16,6 +16,13 @@ from torch import nn
 pytestmark = pytest.mark.distributed
 
 
+def leave_process_group():
+    "End a spawned rank cleanly: meet the peer, tear the group down, and exit without C++ teardown."
+    dist.barrier()   # gloo aborts a rank that tears down while its peer still talks
+    dist.destroy_process_group()
+    os._exit(0)      # gloo threads sometimes abort the interpreter's exit ('terminate called ...')
+
+
 def free_port():
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
@@ -59,9 +66,7 @@ def _torch_worker(rank, world, port, out_dir):
         flat = torch.cat([q.detach().reshape(-1) for q in model.parameters()])
         res[opt_name] = dict(choices=choices, off_still=off_still, flat=flat)
     torch.save(res, os.path.join(out_dir, f'rank{rank}.pt'))
-    dist.barrier()   # gloo aborts a rank that tears down while its peer still talks
-    dist.destroy_process_group()
-    os._exit(0)   # skip C++ teardown at exit: gloo threads sometimes abort it ('terminate called ...')
+    leave_process_group()
 
 
 def test_ddp_two_ranks_same_choices_identical_weights_off_params_still(tmp_path):
@@ -97,9 +102,7 @@ def _check_grad_is_mean_worker(rank, world, port, out_dir):
         mean = r.grad.clone(); dist.all_reduce(mean); mean /= world
         ok &= torch.allclose(q.grad, mean, atol=1e-6)
     torch.save(ok, os.path.join(out_dir, f'ok{rank}.pt'))
-    dist.barrier()   # gloo aborts a rank that tears down while its peer still talks
-    dist.destroy_process_group()
-    os._exit(0)   # skip C++ teardown at exit: gloo threads sometimes abort it ('terminate called ...')
+    leave_process_group()
 
 
 def test_ddp_grad_is_mean_of_rank_grads(tmp_path):
@@ -125,9 +128,7 @@ def _fastai_worker(rank, world, port, out_dir):
     with learn.no_logging(): learn.fit(2, 1e-2)
     flat = torch.cat([q.detach().reshape(-1) for q in model.parameters()])
     torch.save(dict(flat=flat, counts=cb.counts), os.path.join(out_dir, f'rank{rank}.pt'))
-    dist.barrier()   # gloo aborts a rank that tears down while its peer still talks
-    dist.destroy_process_group()
-    os._exit(0)   # skip C++ teardown at exit: gloo threads sometimes abort it ('terminate called ...')
+    leave_process_group()
 
 
 def test_ddp_fastai_gate_callback(tmp_path):
