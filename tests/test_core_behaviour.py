@@ -239,3 +239,28 @@ def test_unpickles_checkpoints_with_plain_per_and_mode():
         back = pickle.loads(pickle.dumps(w))
         assert getattr(back, name) == val and '_' + name in back.__dict__ and name not in back.__dict__
         with torch.no_grad(): back(_x(1, 3))
+
+@pytest.mark.parametrize('kind', ['linear', 'lstm'])
+def test_torch_compile_keeps_fresh_masks_and_exact_gradients(kind):
+    "Under `torch.compile` (AOTAutograd, as inductor uses it) each call draws a new mask, the gradient rule holds exactly and eval uses the raw weight."
+    torch.manual_seed(0)
+    if kind == 'linear': m, x, name = WeightDropout(nn.Linear(16, 8), 0.5), torch.randint(-3, 4, (5, 16)).float(), 'weight'
+    else: m, x, name = WeightDropout(nn.LSTM(4, 6), 0.5), _x(5, 2, 4), 'weight_hh_l0'
+    compiled = torch.compile(m, backend='aot_eager', fullgraph=False)
+    raw = m.raw_weight(name)
+    outs, masks = [], []
+    for _ in range(3):
+        out = _first(compiled(x)); outs.append(out.detach())
+        masks.append(getattr(m.module, name) != 0)   # the weight the call used, shown detached as fastai does
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+    assert not torch.equal(outs[0], outs[1])
+    if kind == 'linear':
+        raw.grad = None
+        out = compiled(x); kept = m.module.weight != 0
+        out.sum().backward()
+        expected = torch.ones(5, 8).t() @ x * kept / 0.5   # d(sum)/d(effective weight), masked and scaled
+        assert torch.equal(raw.grad, expected)
+    m.eval()
+    assert torch.equal(_first(compiled(x)), _first(m.module(x)))
+    assert getattr(m.module, name).data_ptr() == raw.data_ptr()   # eval computes with the raw weight itself
+    copy.deepcopy(m)
