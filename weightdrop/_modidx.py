@@ -129,7 +129,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                     'weightdrop/dropout.py'),
                                     'weightdrop.dropout.WeightDropout.weight_p': ( 'dropout.html#weightdropout.weight_p',
                                                                                    'weightdrop/dropout.py'),
-                                    'weightdrop.dropout._grid_keep_mask': ('dropout.html#_grid_keep_mask', 'weightdrop/dropout.py'),
+                                    'weightdrop.dropout._grid_bounds': ('dropout.html#_grid_bounds', 'weightdrop/dropout.py'),
                                     'weightdrop.dropout._keep_mask': ('dropout.html#_keep_mask', 'weightdrop/dropout.py'),
                                     'weightdrop.dropout.check_probability': ('dropout.html#check_probability', 'weightdrop/dropout.py')},
             'weightdrop.gate_callbacks': { 'weightdrop.gate_callbacks.GateCallback': ( 'gate_callbacks.html#gatecallback',

@@ -26,18 +26,25 @@ def check_probability(p, # The value given
 
 # %% ../nbs/01_dropout.ipynb #339eb28e
 _GRID_BITS = {torch.float32: 24, torch.float64: 53}  # on the CPU, uniform_ draws k/2^bits for a random integer k
+_grid_cache = {}
 
-def _grid_keep_mask(shape, dtype, keep:float, generator=None) -> Tensor:
-    "CPU: 1/keep with probability `keep`, else 0, from one `uniform_` onto an exact grid and one `clamp_`."
-    bits, scale = _GRID_BITS[dtype], 1 / keep
-    step = 2.0 ** math.ceil(math.log2(scale))     # a power of two >= scale keeps every grid point exact
-    m = 2**bits - 1 - math.ceil(keep * 2**bits)   # draws k > m are kept: ceil(keep*2^bits) of the 2^bits
-    draws = torch.empty(shape, dtype=dtype).uniform_(-m * step, (2**bits - m) * step, generator=generator)
-    return draws.clamp_(0, scale)                 # (k-m)*step: <= 0 dropped, >= step >= scale kept
+def _grid_bounds(keep:float, dtype) -> tuple:
+    "`(lo, hi, scale)`: on the CPU, `uniform_(lo, hi)` then `clamp_(0, scale)` is 1/keep with probability `keep`, else 0."
+    bounds = _grid_cache.get((keep, dtype))
+    if bounds is None:
+        bits, scale = _GRID_BITS[dtype], 1 / keep
+        step = 2.0 ** math.ceil(math.log2(scale))     # a power of two >= scale keeps every grid point exact
+        m = 2**bits - 1 - math.ceil(keep * 2**bits)   # draws k > m are kept: ceil(keep*2^bits) of the 2^bits
+        if len(_grid_cache) >= 1024: _grid_cache.clear()   # a schedule may try many values of p
+        bounds = _grid_cache[keep, dtype] = (-m * step, (2**bits - m) * step, scale)
+    return bounds
 
 def _keep_mask(shape, raw:Tensor, keep:float, generator=None) -> Tensor:
     "A mask of `shape` on `raw`'s device and dtype: 1/keep with probability `keep`, else 0."
-    if raw.device.type == 'cpu' and raw.dtype in _GRID_BITS: return _grid_keep_mask(shape, raw.dtype, keep, generator)
+    if raw.is_cpu and raw.dtype in _GRID_BITS:
+        lo, hi, scale = _grid_bounds(keep, raw.dtype)
+        draws = torch.empty_like(raw) if shape == raw.shape else raw.new_empty(shape)
+        return draws.uniform_(lo, hi, generator=generator).clamp_(0, scale)   # (k-m)*step: <= 0 dropped, >= scale kept
     mask = torch.rand(shape, dtype=torch.float32, device=raw.device, generator=generator).lt_(keep)  # fp32 draws: p exact to 2^-24
     return (mask if raw.dtype == torch.float32 else mask.to(raw.dtype)).div_(keep)
 
