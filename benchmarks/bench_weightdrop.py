@@ -4,7 +4,7 @@ A fourth contender shows the floor: a plain `nn.LSTM` that also draws one `torch
 element at each call and throws it away. Any implementation that draws a fresh mask with PyTorch's CPU generator pays
 at least that; the `vs floor` column is how far above it the wrappers are.
 
-All three run in one process, interleaved rep by rep (so machine noise hits them alike), on 1 thread; we report medians
+All four run in one process, interleaved rep by rep (so machine noise hits them alike), on 1 thread; we report medians
 and ratios to plain. The small size costs well under a millisecond, so its ratio moves by a few percent from one
 measurement to the next with the load on a shared machine: it is measured `--repeat` times (fresh models each time),
 and the table gives the median ratio with the lowest and highest. Targets (issue 2): <= 1.03x plain at (bs 64, seq 70, 400->1152), <= 1.20x at (bs 8, seq 20, 64->64).

@@ -48,7 +48,6 @@ def _keep_mask(shape, raw:Tensor, keep:float, generator=None) -> Tensor:
     mask = torch.rand(shape, dtype=torch.float32, device=raw.device, generator=generator).lt_(keep)  # fp32 draws: p exact to 2^-24
     return (mask if raw.dtype == torch.float32 else mask.to(raw.dtype)).div_(keep)
 
-
 # %% ../nbs/01_dropout.ipynb #d08cf138
 class WeightDropout(WeightHijacker):
     "DropConnect: in training, zero each selected weight of `module` with probability `weight_p`, scaling the rest by `1/(1-weight_p)`."
