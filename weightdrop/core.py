@@ -6,12 +6,15 @@
 from __future__ import annotations
 import fnmatch, keyword, warnings, weakref
 from contextlib import contextmanager
+from typing import NamedTuple
 import torch
 from torch import nn, Tensor
+from fastcore.basics import patch
+from .validate import Checked, check_flag, check_generator
 
 # %% auto #0
-__all__ = ['RNN_CHUNK_WARNING', 'default_layer_names', 'select_weights', 'quiet_rnn_chunk_warning', 'check_choice', 'Choice',
-           'WeightHijacker']
+__all__ = ['RNN_CHUNK_WARNING', 'default_layer_names', 'is_hijacked', 'select_weights', 'Slot', 'Layout',
+           'quiet_rnn_chunk_warning', 'WeightHijacker']
 
 # %% ../nbs/01_core.ipynb #b0ce4e90
 def default_layer_names(module:nn.Module # Module about to be wrapped
@@ -22,18 +25,40 @@ def default_layer_names(module:nn.Module # Module about to be wrapped
     return ['weight']
 
 # %% ../nbs/01_core.ipynb #15124c9c
-_HIJACKED = '_weightdrop_hijacked'  # set of attribute names another wrapper owns, kept on the owning module
+_HIJACKED = '_weightdrop_hijacked'  # on a module: the set of its attribute names some hijacker owns
 
 def _owner(module, name):
     "The submodule holding parameter `name`, and the attribute name there."
     path, _, attr = name.rpartition('.')
     return (module.get_submodule(path) if path else module), attr
 
+def is_hijacked(module:nn.Module, # Module to look at
+                name:str|None=None, # A parameter name, dotted to reach into submodules; `None`: any of `module`'s own
+               ) -> bool:
+    "Whether a hijacker owns `module`'s weight `name`, or with `name=None` any weight `module` itself holds."
+    try: owner, attr = _owner(module, name or '')
+    except AttributeError: return False   # no such submodule
+    owned = owner.__dict__.get(_HIJACKED, ())
+    return bool(owned) if name is None else attr in owned
+
+# %% ../nbs/01_core.ipynb #a7f3c2d1
+def _as_names(layer_names, module) -> list:
+    "`layer_names` as a list of distinct strings."
+    if layer_names is None: return default_layer_names(module)
+    if isinstance(layer_names, str): layer_names = [layer_names]
+    if not isinstance(layer_names, (list, tuple)) or not all(isinstance(n, str) for n in layer_names):
+        raise TypeError(f"layer_names must be a string or a list of strings, got {layer_names!r}; "
+                        "pass e.g. layer_names='weight_hh_l0' or ['weight_hh_l0', 'weight_hh_l0_reverse']")
+    if len(layer_names) == 0: raise ValueError("layer_names is empty; name at least one parameter, or pass None for the default")
+    if len(set(layer_names)) != len(layer_names):
+        raise ValueError(f"layer_names has duplicates: {list(layer_names)}; list each parameter once")
+    return list(layer_names)
+
 def _inner_raw_names(module):
     "Names (relative to `module`) of the `<name>_raw` Parameters of every `WeightHijacker` inside it."
-    return {f'{p}.{r}' if p else r for p, m in module.named_modules() if isinstance(m, WeightHijacker)
-            for r in getattr(m, 'raw_names', ())}
+    return {f'{p}.{r}' if p else r for p, m in module.named_modules() if isinstance(m, WeightHijacker) for r in m.raw_names}
 
+# %% ../nbs/01_core.ipynb #5e0b9f44
 def select_weights(module:nn.Module, # Module whose parameters are searched
                    layer_names:str|list|tuple|None=None, # Exact names or glob patterns; `None`: `default_layer_names`
                   ) -> list: # Matching parameter names: pattern by pattern, each in the module's order
@@ -43,21 +68,9 @@ def select_weights(module:nn.Module, # Module whose parameters are searched
     if isinstance(module, WeightHijacker):
         raise TypeError(f"module is already a {type(module).__name__}; wrap its `.module` with one wrapper, "
                         "or call `.unwrap()` first")
-    if layer_names is None: layer_names = default_layer_names(module)
-    if isinstance(layer_names, str): layer_names = [layer_names]
-    if not isinstance(layer_names, (list, tuple)) or not all(isinstance(n, str) for n in layer_names):
-        raise TypeError(f"layer_names must be a string or a list of strings, got {layer_names!r}; "
-                        "pass e.g. layer_names='weight_hh_l0' or ['weight_hh_l0', 'weight_hh_l0_reverse']")
-    if len(layer_names) == 0: raise ValueError("layer_names is empty; name at least one parameter, or pass None for the default")
-    if len(set(layer_names)) != len(layer_names):
-        raise ValueError(f"layer_names has duplicates: {list(layer_names)}; list each parameter once")
-    params = dict(module.named_parameters())
-    inner_raw = _inner_raw_names(module)
-    names = []
-    modules = dict(module.named_modules())
-    for pat in layer_names:
-        path, _, attr = pat.rpartition('.')
-        if path in modules and attr in getattr(modules[path], _HIJACKED, ()):  # an exact name whose weight was moved away
+    params, inner_raw, names = dict(module.named_parameters()), _inner_raw_names(module), []
+    for pat in _as_names(layer_names, module):
+        if is_hijacked(module, pat):   # an exact name whose weight was moved away
             raise ValueError(f"layer_names: {pat!r} is already hijacked by another wrapper; leave it out of layer_names, "
                              "or call `.unwrap()` on that wrapper first")
         hits = [n for n in params if fnmatch.fnmatchcase(n, pat)]
@@ -65,39 +78,50 @@ def select_weights(module:nn.Module, # Module whose parameters are searched
             raise ValueError(f"layer_names: no parameter of {type(module).__name__} matches {pat!r}; "
                              f"available: {[n for n in params if n not in inner_raw]}")
         for n in hits:
-            owner, attr = _owner(module, n)
-            if attr in getattr(owner, _HIJACKED, ()):
+            if is_hijacked(module, n):
                 raise ValueError(f"layer_names: {n!r} is already hijacked by another wrapper (matched by {pat!r}); leave it "
                                  "out of layer_names, or call `.unwrap()` on that wrapper first")
             if n in inner_raw:
                 raise ValueError(f"layer_names: {n!r} (matched by {pat!r}) is the raw weight of a wrapper inside "
                                  f"{type(module).__name__}; wrapping it again would stack two wrappers on one weight. "
                                  "Leave it out of layer_names (use a narrower pattern), or unwrap the inner wrapper first")
+            if not params[n].is_floating_point():
+                raise TypeError(f"layer_names: parameter {n!r} has dtype {params[n].dtype}; only floating-point (real) "
+                                "weights can be transformed, leave it out of layer_names")
         names += [n for n in hits if n not in names]
-    for n in names:
-        if not params[n].is_floating_point():
-            raise TypeError(f"layer_names: parameter {n!r} has dtype {params[n].dtype}; only floating-point (real) weights "
-                            "can be transformed, leave it out of layer_names")
     return names
 
 # %% ../nbs/01_core.ipynb #653118f9
-def _flat_index(owner:nn.Module, attr:str) -> int:
-    "Position of `attr` in an RNN's flat-weight list, or -1."
-    names = getattr(owner, '_flat_weights_names', None) if isinstance(owner, nn.RNNBase) else None
-    return names.index(attr) if names is not None and attr in names else -1
+class Slot(NamedTuple):
+    "Where a hijacked weight lives: `owner.<attr>`, at `flat_index` in an RNN's flat-weight list (-1 if none)."
+    owner: nn.Module
+    attr: str
+    flat_index: int
 
-def _put(owner:nn.Module, attr:str, value:Tensor, flat_index:int|None=None):
-    "Give `owner` the tensor `value` as `attr`, keeping an RNN's flat-weight list in step."
+class Layout(NamedTuple):
+    "The slots of every hijacked weight of one wrapped `module`, in `layer_names` order."
+    module: nn.Module
+    slots: list
+    has_rnn: bool   # an RNN inside: CUDA calls silence cuDNN's chunk warning
+
+def _slot(module:nn.Module, name:str) -> Slot:
+    owner, attr = _owner(module, name)
+    flat = owner._flat_weights_names if isinstance(owner, nn.RNNBase) else ()
+    return Slot(owner, attr, flat.index(attr) if attr in flat else -1)
+
+def _put(slot:Slot, value:Tensor):
+    "Give the slot's owner the tensor `value`, keeping an RNN's flat-weight list in step."
+    owner, attr, i = slot
     if attr in owner._parameters: owner._parameters[attr] = value
     else: owner.__dict__[attr] = value
-    i = _flat_index(owner, attr) if flat_index is None else flat_index
     if i >= 0:
         owner._flat_weights[i] = value
         refs = owner.__dict__.get('_flat_weight_refs')
         if refs is not None and len(refs) == len(owner._flat_weights): refs[i] = weakref.ref(value)
 
-def _resting(owner:nn.Module, attr:str) -> Tensor:
-    "What `owner` holds as `attr` right now."
+def _resting(slot:Slot) -> Tensor:
+    "What the slot's owner holds right now."
+    owner, attr, _ = slot
     return owner._parameters[attr] if attr in owner._parameters else owner.__dict__[attr]
 
 # %% ../nbs/01_core.ipynb #8845e10e
@@ -110,35 +134,26 @@ def quiet_rnn_chunk_warning():
         warnings.filterwarnings('ignore', message=RNN_CHUNK_WARNING)
         yield
 
-# %% ../nbs/01_core.ipynb #d60249b8
-def check_choice(v, # The value given
-                 arg:str, # The argument's name, for the message
-                 choices:tuple # The values allowed
-                ) -> str:
-    "Return `v` if it is one of `choices`, else raise naming `arg` and listing them."
-    if not isinstance(v, str) or v not in choices:
-        raise ValueError(f"{arg} must be one of {tuple(choices)}, got {v!r}; pass e.g. {arg}={choices[0]!r}")
-    return v
-
-class Choice:
-    "A string attribute that only accepts one of `choices`; setting it drops any held draws."
-    def __init__(self, choices:tuple): self.choices = tuple(choices)
-    def __set_name__(self, owner, name): self.name, self.slot = name, '_' + name
-    def __get__(self, obj, objtype=None): return self if obj is None else obj.__dict__[self.slot]
-    def __set__(self, obj, v):
-        obj.__dict__[self.slot] = check_choice(v, self.name, self.choices)
-        obj.__dict__['_held'] = {}
-
 # %% ../nbs/01_core.ipynb #f3ba0ac7
 _RESERVED = {'training', 'layer_names', 'raw_names', 'hold_mask', 'generator', 'move_raw', 'module_attr', 'unwrapped',
              'mc_dropout'}
 
-def _check_flag(v, arg):
-    if not isinstance(v, bool): raise TypeError(f"{arg} must be True or False, got {type(v).__name__} {v!r}; pass {arg}=True")
-    return v
+def _check_module_attr(cls, module_attr, raw_names):
+    "`module_attr` becomes an attribute of the wrapper: it must be a free, public identifier."
+    if not isinstance(module_attr, str) or not module_attr.isidentifier() or keyword.iskeyword(module_attr):
+        raise ValueError(f"module_attr must be a Python identifier string, got {module_attr!r}; pass e.g. module_attr='module'")
+    taken = _RESERVED | set(raw_names) | {n for n in dir(cls) if not n.startswith('__')}
+    if module_attr.startswith('_') or module_attr in taken:
+        raise ValueError(f"module_attr {module_attr!r} is already an attribute or parameter name of "
+                         f"{cls.__name__}; pick another public name, e.g. module_attr='module'")
 
+# %% ../nbs/01_core.ipynb #e51b7a20
 class WeightHijacker(nn.Module):
     "Own `<name>_raw` weights of `module` and hand it a transform of them at every call."
+    hold_mask = Checked(check_flag)
+    generator = Checked(check_generator)
+    mc_dropout = Checked(check_flag)
+
     def __init__(self,
         module:nn.Module, # Module whose weights are transformed
         layer_names:str|list|None=None, # Parameter names or glob patterns; `None`: all `weight_hh*` of an RNN, else `weight`
@@ -147,21 +162,17 @@ class WeightHijacker(nn.Module):
         move_raw:bool=True, # Move weights to `<name>_raw` on the wrapper (fastai's layout); `False`: swap them per call
         module_attr:str='module', # Name of the wrapped module's attribute (fastai's `EmbeddingDropout` uses `emb`)
     ):
-        # every check comes before the first change, so a refused construction leaves `module` as it was
+        # every check comes before the first change to `module`, so a refused construction leaves it as it was
+        self.hold_mask, self.generator, self.mc_dropout = hold_mask, generator, False
         names = select_weights(module, layer_names)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}; "
-                            "use torch.Generator(device).manual_seed(seed)")
-        _check_flag(hold_mask, 'hold_mask'); _check_flag(move_raw, 'move_raw')
         raw_names = [n.replace('.', '__') + '_raw' for n in names]
-        if move_raw and len(set(raw_names)) != len(raw_names):
+        if check_flag(move_raw, 'move_raw') and len(set(raw_names)) != len(raw_names):
             raise ValueError(f"layer_names {names} give clashing raw names {raw_names}; wrap the submodules separately")
-        self._check_module_attr(module_attr, raw_names if move_raw else [])
+        _check_module_attr(type(self), module_attr, raw_names if move_raw else [])
         super().__init__()
-        self.module_attr, self.layer_names, self.raw_names = module_attr, names, raw_names
-        self.hold_mask, self.generator, self.move_raw = hold_mask, generator, move_raw
+        self.module_attr, self.layer_names, self.raw_names, self.move_raw = module_attr, names, raw_names, move_raw
         self.add_module(module_attr, module)
-        self._held, self.unwrapped, self.mc_dropout = {}, False, False
+        self._held, self.unwrapped = {}, False
         self._param_order = {n: list(_owner(module, n)[0]._parameters) for n in names}  # restored by `unwrap`
         for name, raw_name in zip(names, raw_names):
             owner, attr = _owner(module, name)
@@ -169,42 +180,32 @@ class WeightHijacker(nn.Module):
             owner.__dict__.setdefault(_HIJACKED, set()).add(attr)
         self._rest()
 
-    def _check_module_attr(self, module_attr, raw_names):
-        if not isinstance(module_attr, str) or not module_attr.isidentifier() or keyword.iskeyword(module_attr):
-            raise ValueError(f"module_attr must be a Python identifier string, got {module_attr!r}; pass e.g. module_attr='module'")
-        taken = _RESERVED | set(raw_names) | {n for n in dir(type(self)) if not n.startswith('__')}
-        if module_attr.startswith('_') or module_attr in taken:
-            raise ValueError(f"module_attr {module_attr!r} is already an attribute or parameter name of "
-                             f"{type(self).__name__}; pick another public name, e.g. module_attr='module'")
-
     def wrapped(self) -> nn.Module:
         "The wrapped module (also `self.module`, or `self.<module_attr>`)."
         return self._modules[self.module_attr]
 
-    def _slots(self) -> list:
-        "`(owner, attr, flat_index)` of each hijacked weight, found once and cached while the wrapped module stays the same."
-        root, cache = self._modules[self.module_attr], self.__dict__.get('_slot_cache')
-        if cache is None or cache[0] is not root:
-            slots = [(o, a, _flat_index(o, a)) for o, a in (_owner(root, n) for n in self.layer_names)]
-            has_rnn = any(isinstance(m, nn.RNNBase) for m in root.modules())
-            cache = self.__dict__['_slot_cache'] = (root, slots, has_rnn)
-        return cache[1]
+    def _layout(self) -> Layout:
+        module, layout = self._modules[self.module_attr], self.__dict__.get('_layout_cache')
+        if layout is None or layout.module is not module:
+            layout = self.__dict__['_layout_cache'] = Layout(module, [_slot(module, n) for n in self.layer_names],
+                                                             any(isinstance(m, nn.RNNBase) for m in module.modules()))
+        return layout
 
     def _raws(self) -> list:
         "The trained tensors behind the hijacked weights, in `layer_names` order."
-        if self.move_raw:
-            params = self._parameters
-            return [params[r] for r in self.raw_names]
-        return [o._parameters[a] for o, a, _ in self._slots()]
+        slots = self._layout().slots
+        if not self.move_raw: return [o._parameters[a] for o, a, _ in slots]
+        if any(a in o._parameters for o, a, _ in slots): self._adopt()
+        return [self._parameters[r] for r in self.raw_names]
 
     def raw_weight(self, name:str) -> Tensor:
         "The trained weight behind `name`."
         return self._raws()[self.layer_names.index(name)]
 
-    # What subclasses define
+    # the draw contract: what subclasses define
     def is_active(self) -> bool:
         "Whether this call transforms the weights (in training, or in eval with `mc_dropout`); else the raw weights are used exactly."
-        return self.training or self.mc_dropout
+        return self.training or self._mc_dropout
     def sample(self, raw:Tensor) -> Tensor:
         "One random draw for `raw` (a mask, a noise tensor...)."
         raise NotImplementedError
@@ -218,142 +219,167 @@ class WeightHijacker(nn.Module):
     def effective_weight(self, name:str, raw:Tensor) -> Tensor:
         "The weight `name` the module computes with in this call."
         if not self.is_active(): return raw
-        if not self.hold_mask: return self.transform(raw)
+        if not self._hold_mask: return self.transform(raw)
         draw = self._held.get(name)
         if draw is None or draw.device != raw.device or draw.dtype != raw.dtype:
             draw = self._held[name] = self.sample(raw.detach())  # a held draw keeps no graph alive
+        elif draw.is_inference() and not torch.is_inference_mode_enabled():
+            draw = self._held[name] = draw.clone()   # drawn under inference mode, where autograd can't save it
         return self.combine(raw, draw)
-
-    def _check_alive(self, what):
-        if self.unwrapped:
-            raise RuntimeError(f"{what}: this {type(self).__name__} was unwrapped and no longer owns any weight; "
-                               "use the module `unwrap()` returned, or wrap it again")
 
     def resample(self):
         "Draw new held masks now: the next calls use them until the next `resample()`."
-        self._check_alive('resample()')
+        if self.unwrapped: raise self._unwrapped_error('resample()')
         self._held = {n: self.sample(r.detach()) for n, r in zip(self.layer_names, self._raws())}
 
-    def _rest(self, raws=None, weights=None):
-        "Between calls the module holds the raw Parameters (`move_raw=False`), or detached last effective weights."
+    def _rest(self):
+        "Between calls the module holds the raw Parameters (`move_raw=False`), or detached copies of the weights."
         if self.unwrapped: return
-        raws = raws or self._raws()
-        if self.move_raw and weights is not None: raws = weights
-        for (owner, attr, i), r in zip(self._slots(), raws):
-            _put(owner, attr, r.detach() if self.move_raw else r, i)
+        for slot, r in zip(self._layout().slots, self._raws()): _put(slot, r.detach() if self.move_raw else r)
 
     def forward(self, *args, **kwargs):
-        if self.unwrapped: self._check_alive('forward')
-        module = self._modules[self.module_attr]
-        cache = self.__dict__.get('_slot_cache')
-        if cache is None or cache[0] is not module: self._slots(); cache = self.__dict__['_slot_cache']
-        slots, move_raw = cache[1], self.move_raw
-        raws = [self._parameters[r] for r in self.raw_names] if move_raw else [o._parameters[a] for o, a, _ in slots]
+        if self.unwrapped: raise self._unwrapped_error('forward')
+        module, layout = self._modules[self.module_attr], self.__dict__.get('_layout_cache')
+        if layout is None or layout.module is not module: layout = self._layout()
+        slots, move_raw = layout.slots, self.move_raw
+        if move_raw:
+            for o, a, _ in slots:
+                if a in o._parameters: self._adopt(); break   # a Parameter was tied to a hijacked weight
+            raws = [self._parameters[r] for r in self.raw_names]
+        else: raws = [o._parameters[a] for o, a, _ in slots]
         # under torch.func.functional_call the raws are plain tensors swapped in for this call only: put back afterwards
         # exactly what the module held before, so nothing derived from them outlives the call
         before = None
         for r in raws:
-            if not isinstance(r, nn.Parameter): before = [_resting(o, a) for o, a, _ in slots]; break
+            if not isinstance(r, nn.Parameter): before = [_resting(s) for s in slots]; break
         weights, done = [], False
         try:
-            for (owner, attr, i), name, raw in zip(slots, self.layer_names, raws):
+            for slot, name, raw in zip(slots, self.layer_names, raws):
                 w = self.effective_weight(name, raw)
-                _put(owner, attr, w, i)
+                _put(slot, w)
                 weights.append(w)
-            if cache[2] and weights[0].is_cuda:
+            if layout.has_rnn and weights[0].is_cuda:
                 with quiet_rnn_chunk_warning(): out = module(*args, **kwargs)
             else: out = module(*args, **kwargs)
             done = True
             return out
         finally:
             if before is not None: rest = before
-            elif move_raw and done: rest = [w.detach() for w in weights]   # shown for inspection, as fastai does
-            elif move_raw: rest = [r.detach() for r in raws]   # a failed call leaves no half-transformed weight behind
+            # fastai shows the last effective weight, detached; a failed call leaves no half-transformed weight behind
+            elif move_raw: rest = [t.detach() for t in (weights if done else raws)]
             else: rest = raws
-            for (owner, attr, i), t in zip(slots, rest): _put(owner, attr, t, i)
+            for slot, t in zip(slots, rest): _put(slot, t)
 
-    def reset(self):
-        "Forget held masks, show the raw weights, and reset the wrapped module if it can be."
-        self._held = {}
-        self._rest()
-        if hasattr(self.wrapped(), 'reset'): self.wrapped().reset()
+    def _forget_draws(self): self.__dict__['_held'] = {}   # `on_set` of an option a held draw depends on
 
-    def _apply(self, fn, recurse=True):
-        # `.to()`, `.half()`, `.cuda()`: move the held draws too, and never leave a stale weight on the module
-        ret = super()._apply(fn, recurse)
-        self._held = {n: fn(d) for n, d in self._held.items()}
-        self._rest()
-        return ret
+    def _unwrapped_error(self, what):
+        return RuntimeError(f"{what}: this {type(self).__name__} was unwrapped and no longer owns any weight; "
+                            "use the module `unwrap()` returned, or wrap it again")
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Also accept the plain module's own state dict, and fastai v1's, which kept `module.<name>` beside `<name>_raw`
+    def extra_repr(self): return f"layer_names={self.layer_names}, hold_mask={self._hold_mask}"
+
+# %% ../nbs/01_core.ipynb #1c7d5e88
+@patch
+def _adopt(self:WeightHijacker):
+    "A Parameter assigned to a hijacked weight (a tie) becomes the raw weight behind it."
+    assert self.move_raw
+    for slot, name, raw_name in zip(self._layout().slots, self.layer_names, self.raw_names):
+        p = slot.owner._parameters.pop(slot.attr, None)
+        if p is None: continue
+        self._parameters[raw_name] = p
+        self._held.pop(name, None)
+        _put(slot, p.detach())
+
+# %% ../nbs/01_core.ipynb #2e8d4b13
+@patch
+def reset(self:WeightHijacker):
+    "Forget held masks, show the raw weights, and reset the wrapped module if it can be."
+    self._held = {}
+    self._rest()
+    if hasattr(self.wrapped(), 'reset'): self.wrapped().reset()
+
+@patch
+def _apply(self:WeightHijacker, fn, recurse=True):
+    ret = super(WeightHijacker, self)._apply(fn, recurse)
+    self._held = {n: fn(d) for n, d in self._held.items()}
+    self._rest()
+    return ret
+
+@patch
+def unwrap(self:WeightHijacker) -> nn.Module:
+    "Give the module its raw weights back as ordinary Parameters (the same objects the optimizer holds) and return it."
+    if self.unwrapped: raise self._unwrapped_error('unwrap()')
+    if self.move_raw: self._raws()   # adopts a tie first
+    for slot, name, raw_name in zip(self._layout().slots, self.layer_names, self.raw_names):
+        owner, attr, _ = slot
         if self.move_raw:
-            for name, raw_name in zip(self.layer_names, self.raw_names):
-                plain, inner = prefix + name, f'{prefix}{self.module_attr}.{name}'
-                if prefix + raw_name in state_dict: state_dict.pop(inner, None)
-                elif inner in state_dict: state_dict[prefix + raw_name] = state_dict.pop(inner)
-                elif plain in state_dict: state_dict[prefix + raw_name] = state_dict.pop(plain)
-        own = set(self.wrapped().state_dict(keep_vars=True))
-        for k in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] in own]:
-            state_dict[f'{prefix}{self.module_attr}.{k[len(prefix):]}'] = state_dict.pop(k)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._rest()
+            owner.__dict__.pop(attr, None)
+            params = {**owner._parameters, attr: self._parameters.pop(raw_name)}
+            owner._parameters.clear()
+            owner._parameters.update({k: params.pop(k) for k in self._param_order[name] if k in params}, **params)
+            _put(slot, owner._parameters[attr])
+        owner.__dict__[_HIJACKED].discard(attr)
+        if not owner.__dict__[_HIJACKED]: del owner.__dict__[_HIJACKED]
+    self.unwrapped, self._held = True, {}
+    return self.wrapped()
 
-    def _snapshot(self):
-        "Everything `load_state_dict` may change: tensor objects, their values, flat-weight lists and resting weights."
-        mods = []
-        for m in self.modules():
+# %% ../nbs/01_core.ipynb #5a7e90c4
+@patch
+def state_dict(self:WeightHijacker, *args, **kwargs):
+    if self.move_raw and not self.unwrapped: self._raws()   # adopts a tie, so the tied weight is saved as `<name>_raw`
+    return super(WeightHijacker, self).state_dict(*args, **kwargs)
+
+@patch
+def _load_from_state_dict(self:WeightHijacker, state_dict, prefix, *args, **kwargs):
+    if self.move_raw:
+        self._raws()
+        for name, raw_name in zip(self.layer_names, self.raw_names):
+            plain, inner = prefix + name, f'{prefix}{self.module_attr}.{name}'
+            if prefix + raw_name in state_dict: state_dict.pop(inner, None)
+            elif inner in state_dict: state_dict[prefix + raw_name] = state_dict.pop(inner)
+            elif plain in state_dict: state_dict[prefix + raw_name] = state_dict.pop(plain)
+    own = set(self.wrapped().state_dict(keep_vars=True))
+    for k in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] in own]:
+        state_dict[f'{prefix}{self.module_attr}.{k[len(prefix):]}'] = state_dict.pop(k)
+    super(WeightHijacker, self)._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    self._rest()
+
+# %% ../nbs/01_core.ipynb #6f1b2d98
+@patch
+def _snapshot(self:WeightHijacker):
+    "Everything `load_state_dict` may change: tensor objects, their values, flat-weight lists and resting weights."
+    mods = []
+    for m in self.modules():
+        tensors = {**m._parameters, **{f'buffer:{k}': v for k, v in m._buffers.items()}}
+        mods.append((m, dict(m._parameters), dict(m._buffers),
+                     {k: v.detach().clone() for k, v in tensors.items() if v is not None},
+                     (list(m._flat_weights), list(m.__dict__.get('_flat_weight_refs', [])))
+                     if isinstance(m, nn.RNNBase) else None))
+    return mods, [_resting(s) for s in self._layout().slots]
+
+@patch
+def _restore(self:WeightHijacker, snap):
+    mods, resting = snap
+    with torch.no_grad():
+        for m, params, buffers, values, flat in mods:
+            m._parameters.clear(); m._parameters.update(params)
+            m._buffers.clear(); m._buffers.update(buffers)
             tensors = {**m._parameters, **{f'buffer:{k}': v for k, v in m._buffers.items()}}
-            mods.append((m, dict(m._parameters), dict(m._buffers),
-                         {k: v.detach().clone() for k, v in tensors.items() if v is not None},
-                         (list(m._flat_weights), list(m.__dict__.get('_flat_weight_refs', [])))
-                         if isinstance(m, nn.RNNBase) else None))
-        return mods, [_resting(o, a) for o, a, _ in self._slots()]
+            for k, v in values.items(): tensors[k].copy_(v)
+            if flat is not None: m._flat_weights, m._flat_weight_refs = flat
+    for s, t in zip(self._layout().slots, resting): _put(s, t)
 
-    def _restore(self, snap):
-        mods, resting = snap
-        with torch.no_grad():
-            for m, params, buffers, values, flat in mods:
-                m._parameters.clear(); m._parameters.update(params)
-                m._buffers.clear(); m._buffers.update(buffers)
-                tensors = {**m._parameters, **{f'buffer:{k}': v for k, v in m._buffers.items()}}
-                for k, v in values.items(): tensors[k].copy_(v)
-                if flat is not None: m._flat_weights, m._flat_weight_refs = flat
-        for (o, a, i), t in zip(self._slots(), resting): _put(o, a, t, i)
-
-    def load_state_dict(self, state_dict, strict:bool=True, assign:bool=False):
-        "`nn.Module.load_state_dict`, that leaves the wrapper exactly as it was when it fails."
-        self._check_alive('load_state_dict')
-        snap = self._snapshot()
-        try: return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        except Exception as e:
-            self._restore(snap)
-            if isinstance(e, RuntimeError) and 'state_dict' in str(e):
-                raise RuntimeError(f"{e}\nThe {type(self).__name__} was left unchanged. Pass a state_dict saved from this "
-                                   f"wrapper (keys like {list(self.state_dict())[:3]}) or from the plain module, with the "
-                                   "same shapes, or use strict=False to load a subset.") from e
-            raise
-
-    def unwrap(self) -> nn.Module:
-        "Give the module its raw weights back as ordinary Parameters (the same objects the optimizer holds) and return it."
-        self._check_alive('unwrap()')
-        for (owner, attr, i), name, raw_name in zip(self._slots(), self.layer_names, self.raw_names):
-            if self.move_raw:
-                owner.__dict__.pop(attr, None)
-                params = {**owner._parameters, attr: self._parameters.pop(raw_name)}
-                owner._parameters.clear()
-                owner._parameters.update({k: params.pop(k) for k in self._param_order[name] if k in params}, **params)
-                _put(owner, attr, owner._parameters[attr], i)
-            owner.__dict__[_HIJACKED].discard(attr)
-        self.unwrapped, self._held = True, {}
-        return self.wrapped()
-
-    def __setstate__(self, state):
-        # pickles from before `per`/`mode` became `Choice`s kept them as plain attributes
-        super().__setstate__(state)
-        for cls in type(self).__mro__:
-            for name, attr in vars(cls).items():
-                if isinstance(attr, Choice) and attr.slot not in self.__dict__ and name in self.__dict__:
-                    self.__dict__[attr.slot] = self.__dict__.pop(name)
-
-    def extra_repr(self): return f"layer_names={self.layer_names}, hold_mask={self.hold_mask}"
+@patch
+def load_state_dict(self:WeightHijacker, state_dict, strict:bool=True, assign:bool=False):
+    "`nn.Module.load_state_dict`, that leaves the wrapper exactly as it was when it fails."
+    if self.unwrapped: raise self._unwrapped_error('load_state_dict')
+    self._raws()   # adopt a tie first, so the snapshot holds the tied weight
+    snap = self._snapshot()
+    try: return super(WeightHijacker, self).load_state_dict(state_dict, strict=strict, assign=assign)
+    except Exception as e:
+        self._restore(snap)
+        if isinstance(e, RuntimeError) and 'state_dict' in str(e):
+            raise RuntimeError(f"{e}\nThe {type(self).__name__} was left unchanged. Pass a state_dict saved from this "
+                               f"wrapper (keys like {list(self.state_dict())[:3]}) or from the plain module, with the "
+                               "same shapes, or use strict=False to load a subset.") from e
+        raise

@@ -8,21 +8,11 @@ import math
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
+from .validate import Checked, check_probability, check_choice
 from .core import *
 
 # %% auto #0
-__all__ = ['check_probability', 'WeightDropout', 'EmbeddingDropout']
-
-# %% ../nbs/02_dropout.ipynb #3ff12146
-def check_probability(p, # The value given
-                      arg:str # The argument's name, for the message
-                     ) -> float:
-    "Return `p` as a float if it is a drop probability in [0, 1), else raise naming `arg`."
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
-        raise TypeError(f"{arg} must be a float in [0, 1), got {type(p).__name__} {p!r}; pass e.g. {arg}=0.5")
-    if not 0 <= p < 1:
-        raise ValueError(f"{arg} must be in [0, 1), got {p!r}; pass e.g. {arg}=0.5 (1 would drop every weight)")
-    return float(p)
+__all__ = ['WeightDropout', 'EmbeddingDropout']
 
 # %% ../nbs/02_dropout.ipynb #339eb28e
 _GRID_BITS = {torch.float32: 24, torch.float64: 53}  # on the CPU, uniform_ draws k/2^bits for a random integer k
@@ -52,7 +42,8 @@ def _keep_mask(shape, raw:Tensor, keep:float, generator=None) -> Tensor:
 class WeightDropout(WeightHijacker):
     "DropConnect: in training, zero each selected weight of `module` with probability `weight_p`, scaling the rest by `1/(1-weight_p)`."
     pers = ('element', 'row')
-    per = Choice(pers)
+    weight_p = Checked(check_probability)
+    per = Checked(check_choice, pers, on_set=WeightHijacker._forget_draws)
     def __init__(self,
         module:nn.Module, # Wrapped module
         weight_p:float, # Weight dropout probability
@@ -61,33 +52,28 @@ class WeightDropout(WeightHijacker):
         hold_mask:bool=False, # Keep one mask until `resample()` instead of a fresh one at every call
         generator:torch.Generator|None=None, # Source of the masks; `None`: PyTorch's global RNG
     ):
-        weight_p, per = check_probability(weight_p, 'weight_p'), check_choice(per, 'per', WeightDropout.pers)
+        self.weight_p, self.per = weight_p, per   # checked before the module is touched
         super().__init__(module, layer_names, hold_mask=hold_mask, generator=generator)
-        self._weight_p, self.per = weight_p, per
 
-    @property
-    def weight_p(self) -> float: return self._weight_p
-    @weight_p.setter
-    def weight_p(self, p): self._weight_p = check_probability(p, 'weight_p')
-
-    def is_active(self): return (self.training or self.mc_dropout) and self._weight_p > 0
+    def is_active(self): return (self.training or self._mc_dropout) and self._weight_p > 0
 
     def sample(self, raw):
         shape = raw.shape if self._per == 'element' else raw.shape[:1] + (1,) * (raw.dim() - 1)
-        return _keep_mask(shape, raw, 1 - self._weight_p, self.generator)
+        return _keep_mask(shape, raw, 1 - self._weight_p, self._generator)
 
     def combine(self, raw, mask): return raw * mask
 
     def transform(self, raw):
         if self._per != 'element': return raw * self.sample(raw)
-        if raw.is_cuda and self.generator is None: return F.dropout(raw, self._weight_p, training=True)
-        return raw * _keep_mask(raw.shape, raw, 1 - self._weight_p, self.generator)
+        if raw.is_cuda and self._generator is None: return F.dropout(raw, self._weight_p, training=True)
+        return raw * _keep_mask(raw.shape, raw, 1 - self._weight_p, self._generator)
 
     def extra_repr(self): return f"weight_p={self._weight_p}, per={self._per!r}, " + super().extra_repr()
 
 # %% ../nbs/02_dropout.ipynb #f537e32b
 class EmbeddingDropout(WeightHijacker):
     "Drop whole rows (words) of embedding `emb` with probability `embed_p` in training, scaling the rest by `1/(1-embed_p)`."
+    embed_p = Checked(check_probability)
     def __init__(self,
         emb:nn.Module, # Wrapped embedding layer (anything with a `weight` whose rows are words)
         embed_p:float, # Embedding dropout probability
@@ -95,25 +81,20 @@ class EmbeddingDropout(WeightHijacker):
         generator:torch.Generator|None=None, # Source of the masks; `None`: PyTorch's global RNG
     ):
         is_module = isinstance(emb, nn.Module) and not isinstance(emb, WeightHijacker)
-        if is_module and 'weight' in emb.__dict__.get('_weightdrop_hijacked', ()):
+        if is_module and is_hijacked(emb, 'weight'):
             raise ValueError("emb is already wrapped by another weightdrop wrapper; wrap it once, or `unwrap()` the other first")
         w = emb._parameters.get('weight') if is_module else None
         if not isinstance(w, nn.Parameter) or w.dim() < 1:
             raise TypeError(f"emb must be an nn.Embedding (or a module whose `weight` Parameter has one row per word), got "
                             f"{type(emb).__name__}; pass e.g. EmbeddingDropout(nn.Embedding(vocab_sz, emb_sz), embed_p)")
-        embed_p = check_probability(embed_p, 'embed_p')
+        self.embed_p = embed_p
         super().__init__(emb, 'weight', hold_mask=hold_mask, generator=generator, move_raw=False, module_attr='emb')
-        self._embed_p, self._scale = embed_p, None
+        self._scale = None
 
-    @property
-    def embed_p(self) -> float: return self._embed_p
-    @embed_p.setter
-    def embed_p(self, p): self._embed_p = check_probability(p, 'embed_p')
-
-    def is_active(self): return super().is_active() and self._embed_p > 0
+    def is_active(self): return (self.training or self._mc_dropout) and self._embed_p > 0
 
     def sample(self, raw):
-        return _keep_mask(raw.shape[:1] + (1,) * (raw.dim() - 1), raw, 1 - self._embed_p, self.generator)
+        return _keep_mask(raw.shape[:1] + (1,) * (raw.dim() - 1), raw, 1 - self._embed_p, self._generator)
 
     def combine(self, raw, mask): return raw * mask
 

@@ -4,29 +4,20 @@
 
 # %% ../nbs/03_noise.ipynb #97aa8d1b
 from __future__ import annotations
-import math
 import torch
 from torch import nn, Tensor
+from .validate import Checked, check_nonneg, check_choice
 from .core import *
 
 # %% auto #0
-__all__ = ['check_std', 'WeightNoise']
+__all__ = ['WeightNoise']
 
 # %% ../nbs/03_noise.ipynb #28b31ae0
-def check_std(std, # The value given
-              arg:str='std' # The argument's name, for the message
-             ) -> float:
-    "Return `std` as a float if it is a finite, non-negative number, else raise naming `arg`."
-    if isinstance(std, bool) or not isinstance(std, (int, float)):
-        raise TypeError(f"{arg} must be a non-negative float, got {type(std).__name__} {std!r}; pass e.g. {arg}=0.1")
-    if not (std >= 0 and math.isfinite(std)):
-        raise ValueError(f"{arg} must be finite and >= 0, got {std!r}; pass e.g. {arg}=0.1 (0 turns the noise off)")
-    return float(std)
-
 class WeightNoise(WeightHijacker):
     "In training, add Gaussian noise to the selected weights of `module`: `w + std*eps` or `w * (1 + std*eps)`."
     modes = ('additive', 'multiplicative')
-    mode = Choice(modes)
+    std = Checked(check_nonneg)
+    mode = Checked(check_choice, modes, on_set=WeightHijacker._forget_draws)
     def __init__(self,
         module:nn.Module, # Wrapped module
         std:float, # Standard deviation of the noise (relative to the weight for 'multiplicative')
@@ -35,19 +26,13 @@ class WeightNoise(WeightHijacker):
         hold_mask:bool=False, # Keep one noise draw until `resample()` instead of a fresh one at every call
         generator:torch.Generator|None=None, # Source of the noise; `None`: PyTorch's global RNG
     ):
-        std, mode = check_std(std), check_choice(mode, 'mode', WeightNoise.modes)
+        self.std, self.mode = std, mode   # checked before the module is touched
         super().__init__(module, layer_names, hold_mask=hold_mask, generator=generator)
-        self._std, self.mode = std, mode
 
-    @property
-    def std(self) -> float: return self._std
-    @std.setter
-    def std(self, v): self._std = check_std(v)
-
-    def is_active(self): return super().is_active() and self._std > 0
+    def is_active(self): return (self.training or self._mc_dropout) and self._std > 0
 
     def sample(self, raw):
-        eps = torch.randn(raw.shape, device=raw.device, dtype=raw.dtype, generator=self.generator).mul_(self._std)
+        eps = torch.randn(raw.shape, device=raw.device, dtype=raw.dtype, generator=self._generator).mul_(self._std)
         return eps if self._mode == 'additive' else eps.add_(1)
 
     def combine(self, raw, draw): return raw + draw if self._mode == 'additive' else raw * draw
