@@ -44,6 +44,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                  'weightdrop/callbacks.py'),
                                       'weightdrop.callbacks.hijackers': ('callbacks.html#hijackers', 'weightdrop/callbacks.py')},
             'weightdrop.core': { 'weightdrop.core.Layout': ('core.html#layout', 'weightdrop/core.py'),
+                                 'weightdrop.core.Schedulable': ('core.html#schedulable', 'weightdrop/core.py'),
+                                 'weightdrop.core.Schedulable.fset': ('core.html#schedulable.fset', 'weightdrop/core.py'),
                                  'weightdrop.core.Slot': ('core.html#slot', 'weightdrop/core.py'),
                                  'weightdrop.core.WeightHijacker': ('core.html#weighthijacker', 'weightdrop/core.py'),
                                  'weightdrop.core.WeightHijacker.__init__': ('core.html#weighthijacker.__init__', 'weightdrop/core.py'),

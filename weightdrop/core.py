@@ -14,7 +14,7 @@ from .validate import Checked, check_flag, check_generator
 
 # %% auto #0
 __all__ = ['RNN_CHUNK_WARNING', 'default_layer_names', 'is_hijacked', 'select_weights', 'Slot', 'Layout',
-           'quiet_rnn_chunk_warning', 'WeightHijacker']
+           'quiet_rnn_chunk_warning', 'Schedulable', 'WeightHijacker']
 
 # %% ../nbs/01_core.ipynb #b0ce4e90
 def default_layer_names(module:nn.Module # Module about to be wrapped
@@ -146,6 +146,12 @@ def _check_module_attr(cls, module_attr, raw_names):
     if module_attr.startswith('_') or module_attr in taken:
         raise ValueError(f"module_attr {module_attr!r} is already an attribute or parameter name of "
                          f"{cls.__name__}; pick another public name, e.g. module_attr='module'")
+
+# %% ../nbs/01_core.ipynb #7f4e2a90
+class Schedulable(Checked):
+    "A `Checked` number a schedule may set at every batch; schedulers find it by its `fset`, as they find a property's setter."
+    @property
+    def fset(self): return self.__set__
 
 # %% ../nbs/01_core.ipynb #e51b7a20
 class WeightHijacker(nn.Module):

@@ -42,7 +42,7 @@ def _keep_mask(shape, raw:Tensor, keep:float, generator=None) -> Tensor:
 class WeightDropout(WeightHijacker):
     "DropConnect: in training, zero each selected weight of `module` with probability `weight_p`, scaling the rest by `1/(1-weight_p)`."
     pers = ('element', 'row')
-    weight_p = Checked(check_probability)
+    weight_p = Schedulable(check_probability)
     per = Checked(check_choice, pers, on_set=WeightHijacker._forget_draws)
     def __init__(self,
         module:nn.Module, # Wrapped module
@@ -73,7 +73,7 @@ class WeightDropout(WeightHijacker):
 # %% ../nbs/02_dropout.ipynb #f537e32b
 class EmbeddingDropout(WeightHijacker):
     "Drop whole rows (words) of embedding `emb` with probability `embed_p` in training, scaling the rest by `1/(1-embed_p)`."
-    embed_p = Checked(check_probability)
+    embed_p = Schedulable(check_probability)
     def __init__(self,
         emb:nn.Module, # Wrapped embedding layer (anything with a `weight` whose rows are words)
         embed_p:float, # Embedding dropout probability

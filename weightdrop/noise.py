@@ -16,7 +16,7 @@ __all__ = ['WeightNoise']
 class WeightNoise(WeightHijacker):
     "In training, add Gaussian noise to the selected weights of `module`: `w + std*eps` or `w * (1 + std*eps)`."
     modes = ('additive', 'multiplicative')
-    std = Checked(check_nonneg)
+    std = Schedulable(check_nonneg)
     mode = Checked(check_choice, modes, on_set=WeightHijacker._forget_draws)
     def __init__(self,
         module:nn.Module, # Wrapped module
