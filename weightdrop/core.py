@@ -190,24 +190,6 @@ class WeightHijacker(nn.Module):
         "The wrapped module (also `self.module`, or `self.<module_attr>`)."
         return self._modules[self.module_attr]
 
-    def _layout(self) -> Layout:
-        module, layout = self._modules[self.module_attr], self.__dict__.get('_layout_cache')
-        if layout is None or layout.module is not module:
-            layout = self.__dict__['_layout_cache'] = Layout(module, [_slot(module, n) for n in self.layer_names],
-                                                             any(isinstance(m, nn.RNNBase) for m in module.modules()))
-        return layout
-
-    def _raws(self) -> list:
-        "The trained tensors behind the hijacked weights, in `layer_names` order."
-        slots = self._layout().slots
-        if not self.move_raw: return [o._parameters[a] for o, a, _ in slots]
-        if any(a in o._parameters for o, a, _ in slots): self._adopt()
-        return [self._parameters[r] for r in self.raw_names]
-
-    def raw_weight(self, name:str) -> Tensor:
-        "The trained weight behind `name`."
-        return self._raws()[self.layer_names.index(name)]
-
     # the draw contract: what subclasses define
     def is_active(self) -> bool:
         "Whether this call transforms the weights (in training, or in eval with `mc_dropout`); else the raw weights are used exactly."
@@ -222,60 +204,6 @@ class WeightHijacker(nn.Module):
         "A fresh transformed weight; override to fuse `sample` and `combine` into one kernel."
         return self.combine(raw, self.sample(raw))
 
-    def effective_weight(self, name:str, raw:Tensor) -> Tensor:
-        "The weight `name` the module computes with in this call."
-        if not self.is_active(): return raw
-        if not self._hold_mask: return self.transform(raw)
-        draw = self._held.get(name)
-        if draw is None or draw.device != raw.device or draw.dtype != raw.dtype:
-            draw = self._held[name] = self.sample(raw.detach())  # a held draw keeps no graph alive
-        elif draw.is_inference() and not torch.is_inference_mode_enabled():
-            draw = self._held[name] = draw.clone()   # drawn under inference mode, where autograd can't save it
-        return self.combine(raw, draw)
-
-    def resample(self):
-        "Draw new held masks now: the next calls use them until the next `resample()`."
-        if self.unwrapped: raise self._unwrapped_error('resample()')
-        self._held = {n: self.sample(r.detach()) for n, r in zip(self.layer_names, self._raws())}
-
-    def _rest(self):
-        "Between calls the module holds the raw Parameters (`move_raw=False`), or detached copies of the weights."
-        if self.unwrapped: return
-        for slot, r in zip(self._layout().slots, self._raws()): _put(slot, r.detach() if self.move_raw else r)
-
-    def forward(self, *args, **kwargs):
-        if self.unwrapped: raise self._unwrapped_error('forward')
-        module, layout = self._modules[self.module_attr], self.__dict__.get('_layout_cache')
-        if layout is None or layout.module is not module: layout = self._layout()
-        slots, move_raw = layout.slots, self.move_raw
-        if move_raw:
-            for o, a, _ in slots:
-                if a in o._parameters: self._adopt(); break   # a Parameter was tied to a hijacked weight
-            raws = [self._parameters[r] for r in self.raw_names]
-        else: raws = [o._parameters[a] for o, a, _ in slots]
-        # under torch.func.functional_call the raws are plain tensors swapped in for this call only: put back afterwards
-        # exactly what the module held before, so nothing derived from them outlives the call
-        before = None
-        for r in raws:
-            if not isinstance(r, nn.Parameter): before = [_resting(s) for s in slots]; break
-        weights, done = [], False
-        try:
-            for slot, name, raw in zip(slots, self.layer_names, raws):
-                w = self.effective_weight(name, raw)
-                _put(slot, w)
-                weights.append(w)
-            if layout.has_rnn and weights[0].is_cuda:
-                with quiet_rnn_chunk_warning(): out = module(*args, **kwargs)
-            else: out = module(*args, **kwargs)
-            done = True
-            return out
-        finally:
-            if before is not None: rest = before
-            # fastai shows the last effective weight, detached; a failed call leaves no half-transformed weight behind
-            elif move_raw: rest = [t.detach() for t in (weights if done else raws)]
-            else: rest = raws
-            for slot, t in zip(slots, rest): _put(slot, t)
-
     def _forget_draws(self): self.__dict__['_held'] = {}   # `on_set` of an option a held draw depends on
 
     def _unwrapped_error(self, what):
@@ -283,6 +211,89 @@ class WeightHijacker(nn.Module):
                             "use the module `unwrap()` returned, or wrap it again")
 
     def extra_repr(self): return f"layer_names={self.layer_names}, hold_mask={self._hold_mask}"
+
+# %% ../nbs/01_core.ipynb #c5e9a3b4
+@patch
+def _layout(self:WeightHijacker) -> Layout:
+    "Where each hijacked weight of the wrapped module lives."
+    module, layout = self._modules[self.module_attr], self.__dict__.get('_layout_cache')
+    if layout is None or layout.module is not module:
+        layout = self.__dict__['_layout_cache'] = Layout(module, [_slot(module, n) for n in self.layer_names],
+                                                         any(isinstance(m, nn.RNNBase) for m in module.modules()))
+    return layout
+
+@patch
+def _raws(self:WeightHijacker) -> list:
+    "The trained tensors behind the hijacked weights, in `layer_names` order."
+    slots = self._layout().slots
+    if not self.move_raw: return [o._parameters[a] for o, a, _ in slots]
+    if any(a in o._parameters for o, a, _ in slots): self._adopt()
+    return [self._parameters[r] for r in self.raw_names]
+
+@patch
+def raw_weight(self:WeightHijacker, name:str) -> Tensor:
+    "The trained weight behind `name`."
+    return self._raws()[self.layer_names.index(name)]
+
+@patch
+def _rest(self:WeightHijacker):
+    "Between calls the module holds the raw Parameters (`move_raw=False`), or detached copies of the weights."
+    if self.unwrapped: return
+    for slot, r in zip(self._layout().slots, self._raws()): _put(slot, r.detach() if self.move_raw else r)
+
+# %% ../nbs/01_core.ipynb #e8a4c0d9
+@patch
+def effective_weight(self:WeightHijacker, name:str, raw:Tensor) -> Tensor:
+    "The weight `name` the module computes with in this call."
+    if not self.is_active(): return raw
+    if not self._hold_mask: return self.transform(raw)
+    draw = self._held.get(name)
+    if draw is None or draw.device != raw.device or draw.dtype != raw.dtype:
+        draw = self._held[name] = self.sample(raw.detach())  # a held draw keeps no graph alive
+    elif draw.is_inference() and not torch.is_inference_mode_enabled():
+        draw = self._held[name] = draw.clone()   # drawn under inference mode, where autograd can't save it
+    return self.combine(raw, draw)
+
+@patch
+def resample(self:WeightHijacker):
+    "Draw new held masks now: the next calls use them until the next `resample()`."
+    if self.unwrapped: raise self._unwrapped_error('resample()')
+    self._held = {n: self.sample(r.detach()) for n, r in zip(self.layer_names, self._raws())}
+
+# %% ../nbs/01_core.ipynb #a6c8e0f2
+@patch
+def forward(self:WeightHijacker, *args, **kwargs):
+    if self.unwrapped: raise self._unwrapped_error('forward')
+    module, layout = self._modules[self.module_attr], self.__dict__.get('_layout_cache')
+    if layout is None or layout.module is not module: layout = self._layout()
+    slots, move_raw = layout.slots, self.move_raw
+    if move_raw:
+        for o, a, _ in slots:
+            if a in o._parameters: self._adopt(); break   # a Parameter was tied to a hijacked weight
+        raws = [self._parameters[r] for r in self.raw_names]
+    else: raws = [o._parameters[a] for o, a, _ in slots]
+    # under torch.func.functional_call the raws are plain tensors swapped in for this call only: put back afterwards
+    # exactly what the module held before, so nothing derived from them outlives the call
+    before = None
+    for r in raws:
+        if not isinstance(r, nn.Parameter): before = [_resting(s) for s in slots]; break
+    weights, done = [], False
+    try:
+        for slot, name, raw in zip(slots, self.layer_names, raws):
+            w = self.effective_weight(name, raw)
+            _put(slot, w)
+            weights.append(w)
+        if layout.has_rnn and weights[0].is_cuda:
+            with quiet_rnn_chunk_warning(): out = module(*args, **kwargs)
+        else: out = module(*args, **kwargs)
+        done = True
+        return out
+    finally:
+        if before is not None: rest = before
+        # fastai shows the last effective weight, detached; a failed call leaves no half-transformed weight behind
+        elif move_raw: rest = [t.detach() for t in (weights if done else raws)]
+        else: rest = raws
+        for slot, t in zip(slots, rest): _put(slot, t)
 
 # %% ../nbs/01_core.ipynb #1c7d5e88
 @patch
