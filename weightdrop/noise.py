@@ -5,7 +5,7 @@
 # %% ../nbs/03_noise.ipynb #97aa8d1b
 from __future__ import annotations
 import torch
-from torch import nn, Tensor
+from torch import nn
 from .validate import Checked, check_nonneg, check_choice
 from .core import *
 
