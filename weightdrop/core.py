@@ -13,8 +13,8 @@ from fastcore.basics import patch
 from .validate import Checked, check_flag, check_generator
 
 # %% auto #0
-__all__ = ['RNN_CHUNK_WARNING', 'default_layer_names', 'is_hijacked', 'select_weights', 'Slot', 'Layout',
-           'quiet_rnn_chunk_warning', 'Schedulable', 'WeightHijacker']
+__all__ = ['RNN_CHUNK_WARNING', 'default_layer_names', 'is_hijacked', 'select_weights', 'quiet_rnn_chunk_warning', 'Schedulable',
+           'WeightHijacker']
 
 # %% ../nbs/01_core.ipynb #b0ce4e90
 def default_layer_names(module:nn.Module # Module about to be wrapped
