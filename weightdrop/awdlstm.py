@@ -8,10 +8,11 @@ import torch
 from torch import nn
 from fastai.text.models.awdlstm import AWD_LSTM as FastaiAWD_LSTM
 from fastai.text.models.core import _model_meta
+from fastai.callback.rnn import RNNRegularizer as FastaiRNNRegularizer
 from .dropout import WeightDropout, EmbeddingDropout
 
 # %% auto #0
-__all__ = ['AWD_LSTM', 'fastai_state_dict']
+__all__ = ['AWD_LSTM', 'fastai_state_dict', 'RNNRegularizer']
 
 # %% ../nbs/30_awdlstm.ipynb #e1e4fb6a
 class AWD_LSTM(FastaiAWD_LSTM):
@@ -37,3 +38,14 @@ def fastai_state_dict(model:nn.Module # A model holding weightdrop `WeightDropou
         for name, raw_name in zip(m.layer_names, m.raw_names):
             if name != 'weight_hh_l0': sd[f'{pre}{m.module_attr}.{name}'] = sd.pop(pre + raw_name)
     return sd
+
+# %% ../nbs/30_awdlstm.ipynb #7a60adfa
+class RNNRegularizer(FastaiRNNRegularizer):
+    "fastai's AR/TAR, with TAR whenever a sequence has two steps or more, and both terms in the logged training loss."
+    def after_loss(self):
+        if not self.training: return
+        if self.alpha: self.learn.loss_grad += self.alpha * self.rnn.out.float().pow(2).mean()
+        if self.beta:
+            h = self.rnn.raw_out
+            if h.shape[1] > 1: self.learn.loss_grad += self.beta * (h[:, 1:] - h[:, :-1]).float().pow(2).mean()
+        if self.alpha or self.beta: self.learn.loss = self.learn.loss_grad.detach().clone()

@@ -4,21 +4,21 @@
 
 # %% ../nbs/04_callbacks.ipynb #d14f1276
 from __future__ import annotations
-from contextlib import nullcontext
+import sys
 import torch
 from torch import nn
-from fastcore.basics import patch, store_attr
-from fastai.callback.core import Callback, CancelFitException
-from fastai.callback.schedule import ParamScheduler
-from fastai.callback.rnn import RNNRegularizer as FastaiRNNRegularizer
+from fastcore.basics import patch
+from fastai.callback.core import Callback, CancelEpochException
+from fastai.callback.schedule import ParamScheduler, LRFinder
 from fastai.learner import Learner
 from fastai.data.load import DataLoader as FastaiDataLoader
 from fastai.torch_core import rank_distrib
 from fastprogress.fastprogress import progress_bar
 from .core import WeightHijacker
+from .validate import Checked, check_flag, check_count, mix_seed
 
 # %% auto #0
-__all__ = ['hijackers', 'ResampleCallback', 'RNNRegularizer', 'DropScheduler']
+__all__ = ['hijackers', 'ResampleCallback', 'record_hps', 'DropScheduler']
 
 # %% ../nbs/04_callbacks.ipynb #3924a64f
 def hijackers(model:nn.Module # Model to search
@@ -26,69 +26,99 @@ def hijackers(model:nn.Module # Model to search
     "The weight-changing modules of `model`."
     return [m for m in model.modules() if isinstance(m, WeightHijacker)]
 
-# %% ../nbs/04_callbacks.ipynb #6de9d892
+# %% ../nbs/04_callbacks.ipynb #968979cb
+def _check_seed(v, arg:str='seed') -> int|None:
+    "Return `v` if it is an int or `None`."
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+        raise TypeError(f"{arg} must be an int or None, got {type(v).__name__} {v!r}; pass e.g. {arg}=0")
+    return v
+
+# %% ../nbs/04_callbacks.ipynb #a0c2e310
+class _AfterTraining:
+    "Stands in for `learn._do_epoch_train` during a fit: runs fastai's training phase, then `restore()`, however it ended."
+    def __init__(self, learn:Learner, restore):
+        run = learn._do_epoch_train
+        if isinstance(run, _AfterTraining): run = run.run   # left by a fit that died outside training
+        self.learn, self.run, self.restore = learn, run, restore
+        learn._do_epoch_train = self
+
+    def remove(self):
+        if self.learn.__dict__.get('_do_epoch_train') is self: del self.learn.__dict__['_do_epoch_train']
+
+    def __call__(self):
+        try: self.run()
+        except CancelEpochException: raise       # fastai goes on to the next epoch
+        except BaseException: self.remove(); raise   # the fit is over
+        finally: self.restore()
+
+# %% ../nbs/04_callbacks.ipynb #cddbae74
 class ResampleCallback(Callback):
     "Draw one mask per training batch for every hijacked module, held however many times the batch calls it."
+    run_valid = False
+    step = Checked(check_count, minimum=0)   # training batches drawn so far, over every fit; `lr_find` leaves it alone
     def __init__(self,
-        seed:int|None=None, # Seed the masks from (seed, step) for repeatable runs; `None`: PyTorch's global RNG
+        seed:int|None=None, # Seed the masks from (seed, step) for repeatable runs; `None`: each module's `generator`
         shared_masks:bool=False, # With `seed`, draw the same masks on every distributed rank
     ):
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
-        if not isinstance(shared_masks, bool):
-            raise TypeError(f"shared_masks must be a bool (True or False), got {shared_masks!r}")
+        self.seed, self.shared_masks = _check_seed(seed), check_flag(shared_masks, 'shared_masks')
         if shared_masks and seed is None:
             raise ValueError("shared_masks=True needs a seed, so every rank can derive the same masks: pass seed=0")
-        store_attr()
-        self._saved = None
+        self.step, self._saved, self._guard = 0, None, None
 
     def before_fit(self):
-        # fastai sends no event when a fit raises anything but CancelFitException; give back what a crashed fit left
-        if self._saved is not None: self._restore()
         self.hijacked = hijackers(self.learn.model)
         if not self.hijacked:
             raise ValueError("ResampleCallback: the model has no weight-changing module; wrap a layer in WeightDropout "
                              "(or WeightNoise, EmbeddingDropout) first, or leave the callback out")
-        self._saved = [(m.hold_mask, m.generator) for m in self.hijacked]
+        self.counting = not any(isinstance(cb, LRFinder) for cb in self.learn.cbs)
+        self._guard = _AfterTraining(self.learn, self._restore)
 
     def before_train(self):
+        self._saved = [m.hold_mask for m in self.hijacked]
         for m in self.hijacked: m.hold_mask = True
 
-    def _seed_generators(self):
+    def before_batch(self):
+        if self.seed is None:
+            for m in self.hijacked: m.resample()
+        elif self.counting: self._seeded_resample(self.step)
+        else: self._seeded_resample('lr_find', self.train_iter)
+        if self.counting: self.step += 1
+
+    def _seeded_resample(self, *parts):
         rank = 0 if self.shared_masks else rank_distrib()
         for i, m in enumerate(self.hijacked):
-            dev = next(m.parameters()).device
-            if m.generator is None or m.generator.device != dev: m.generator = torch.Generator(device=dev)
-            m.generator.manual_seed(hash((self.seed, self.learn.train_iter, i, rank)) & 0x7FFF_FFFF_FFFF_FFFF)
-
-    def before_batch(self):
-        if not self.training: return
-        if self.seed is not None: self._seed_generators()
-        for m in self.hijacked: m.resample()
-
-    def before_validate(self):
-        for m in self.hijacked: m.reset()
+            gen = torch.Generator(device=next(m.parameters()).device).manual_seed(mix_seed(self.seed, *parts, i, rank))
+            own, m.generator = m.generator, gen
+            try: m.resample()
+            finally: m.generator = own
 
     def _restore(self):
-        if self._saved is None: return
-        for m, (hold, gen) in zip(self.hijacked, self._saved):
-            m.hold_mask, m.generator = hold, gen
-            m.reset()
-        self._saved = None
+        "Give every hijacked module its own `hold_mask` back, forget the held masks and show the raw weights."
+        saved, self._saved = self._saved, None
+        if saved is None: return
+        for m, hold in zip(self.hijacked, saved): m.hold_mask = hold; m.reset()
 
-    def after_cancel_fit(self): self._restore()
-    def after_fit(self): self._restore()
+    def after_fit(self):
+        self._restore()
+        if self._guard is not None: self._guard.remove()
 
-# %% ../nbs/04_callbacks.ipynb #24f4ecdb
-class RNNRegularizer(FastaiRNNRegularizer):
-    "fastai's AR/TAR, with TAR whenever a sequence has two steps or more, and both terms in the logged training loss."
-    def after_loss(self):
-        if not self.training: return
-        if self.alpha: self.learn.loss_grad += self.alpha * self.rnn.out.float().pow(2).mean()
-        if self.beta:
-            h = self.rnn.raw_out
-            if h.shape[1] > 1: self.learn.loss_grad += self.beta * (h[:, 1:] - h[:, :-1]).float().pow(2).mean()
-        if self.alpha or self.beta: self.learn.loss = self.learn.loss_grad.detach().clone()
+# %% ../nbs/04_callbacks.ipynb #730855f9
+def record_hps(learn:Learner, # Learner whose `recorder.hps` gets the values
+               hps:dict, # Name -> list of the values of each training batch of this fit
+              ):
+    "Merge `hps` into `learn.recorder.hps`, keeping what other callbacks recorded in this fit and dropping older fits'."
+    rec = getattr(learn, 'recorder', None)
+    if rec is None: return
+    this_fit = [v for cb in learn.cbs if cb is not rec for v in (cb.__dict__.get('hps') or {}).values()]
+    prev = getattr(rec, 'hps', None) or {}
+    rec.hps = {**{k: v for k, v in prev.items() if any(v is w for w in this_fit)}, **hps}
+
+# %% ../nbs/04_callbacks.ipynb #dd34bd56
+def _schedulable(m:nn.Module, name:str) -> bool:
+    "Whether `name` is a float setting of `m` that can be assigned through a validating attribute (`weight_p`, `std`...)."
+    attr = getattr(type(m), name, None)
+    settable = attr.fset is not None if isinstance(attr, property) else hasattr(type(attr), '__set__')
+    return settable and isinstance(getattr(m, name, None), float)
 
 # %% ../nbs/04_callbacks.ipynb #47a4f1da
 class DropScheduler(ParamScheduler):
@@ -107,19 +137,23 @@ class DropScheduler(ParamScheduler):
 
     def before_fit(self):
         mods = hijackers(self.learn.model)
-        settable = lambda m, n: getattr(getattr(type(m), n, None), 'fset', None) is not None
-        self.targets = {n: [m for m in mods if settable(m, n)] for n in self.scheds}
+        self.targets = {n: [m for m in mods if _schedulable(m, n)] for n in self.scheds}
         for n, ms in self.targets.items():
             if not ms:
-                avail = sorted({a for m in mods for a in dir(type(m)) if settable(m, a)})
+                avail = sorted({a for m in mods for a in dir(type(m)) if _schedulable(m, a)})
                 raise ValueError(f"scheds: no hijacked module in the model has a schedulable {n!r}; available: {avail}")
-            n_steps = self.n_epoch * len(self.dls.train)
-            for pct in [i / n_steps for i in range(n_steps)] + [1.]:   # the setters check it: fail now, not mid-fit
-                v, cur = self.scheds[n](pct), getattr(ms[0], n)
-                try: setattr(ms[0], n, v)
-                except (TypeError, ValueError) as e: raise ValueError(f"scheds[{n!r}] gives {v!r} at pct={pct}: {e}") from e
-                setattr(ms[0], n, cur)
+            self._check_values(n, ms[0])
         super().before_fit()
+
+    def _check_values(self, n, m):
+        "Every value the schedule will give goes through `m`'s own check now, so a bad one fails before the first batch."
+        n_steps, cur = self.n_epoch * len(self.dls.train), getattr(m, n)
+        try:
+            for pct in [i / n_steps for i in range(n_steps)] + [1.]:
+                v = self.scheds[n](pct)
+                try: setattr(m, n, v)
+                except (TypeError, ValueError) as e: raise ValueError(f"scheds[{n!r}] gives {v!r} at pct={pct}: {e}") from e
+        finally: setattr(m, n, cur)
 
     def _update_val(self, pct):
         for n, f in self.scheds.items():
@@ -129,42 +163,47 @@ class DropScheduler(ParamScheduler):
     def after_batch(self):
         for n in self.scheds: self.hps[n].append(getattr(self.targets[n][0], n))
 
-    def after_fit(self):
-        if not hasattr(self.learn, 'recorder'): return
-        prev = getattr(self.recorder, 'hps', None) or {}
-        same_fit = all(len(v) == len(next(iter(self.hps.values()))) for v in prev.values())
-        self.recorder.hps = {**(prev if same_fit else {}), **self.hps}
+    def after_fit(self): record_hps(self.learn, self.hps)
 
-# %% ../nbs/04_callbacks.ipynb #3fff38e6
+# %% ../nbs/04_callbacks.ipynb #18878099
+def _is_lm_loader(dl) -> bool:
+    "Whether `dl` is fastai's language-model loader (never, if fastai's text module isn't loaded)."
+    text = sys.modules.get('fastai.text.data')
+    return text is not None and isinstance(dl, text.LMDataLoader)
+
+def _check_dl(dl):
+    if dl is not None and not isinstance(dl, FastaiDataLoader):
+        raise TypeError(f"dl must be a DataLoader (a fastai one, such as learn.dls.test_dl(items)) or None, got {type(dl).__name__}")
+    return dl
+
+# %% ../nbs/04_callbacks.ipynb #cb8848db
 @patch
 def mc_preds(self:Learner,
     dl=None, # `DataLoader` to predict on; `None`: the validation set
     n:int=20, # Number of mask draws to average over
-    seed:int|None=None, # Seed for repeatable draws; `None`: PyTorch's global RNG
+    seed:int|None=None, # Seed for repeatable draws; `None`: each module's `generator`
     with_targs:bool=False, # Also return the targets
     **kwargs # Passed on to `Learner.get_preds`
 ) -> tuple: # (mean, std) of the predictions over the draws, plus the targets with `with_targs`
     "Predictions with the weight masks kept on at inference: their mean and standard deviation over `n` draws."
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n must be an int >= 2 (the number of draws to average), got {n!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int or None, got {seed!r}")
-    if dl is not None and not isinstance(dl, FastaiDataLoader):
-        raise TypeError(f"dl must be a DataLoader (a fastai one, such as learn.dls.test_dl(items)) or None, got {type(dl).__name__}")
+    n, seed, dl = check_count(n, 'n', minimum=2), _check_seed(seed), _check_dl(dl)
     mods = hijackers(self.model)
     if not mods: raise ValueError("mc_preds: the model has no weight-changing module; wrap a layer in WeightDropout first")
-    saved = [(m.mc_dropout, m.generator) for m in mods]
-    preds = []
+    if dl is None: dl = self.dls[kwargs.pop('ds_idx', 1)]
+    if getattr(dl, 'shuffle', False) or getattr(dl, 'drop_last', False): dl = dl.new(shuffle=False, drop_last=False)
+    if _is_lm_loader(dl): kwargs.setdefault('reorder', False)
+    show = hasattr(self, 'progress')   # fastai's progress callback; `no_bar()` takes it away
+    saved, preds = [(m.mc_dropout, m.generator) for m in mods], []
     try:
         for m in mods: m.mc_dropout = True
-        for i in progress_bar(range(n), leave=False):
-            for j, m in enumerate(mods):
-                if seed is not None:
-                    m.generator = torch.Generator(device=next(m.parameters()).device)
-                    m.generator.manual_seed(hash((seed, i, j)) & 0x7FFF_FFFF_FFFF_FFFF)
-                if m.hold_mask: m.resample()
-            p, targs = self.get_preds(dl=dl, **kwargs)[:2]
-            preds.append(p)
+        with self.no_bar():
+            for i in progress_bar(range(n), leave=False, display=show):
+                for j, m in enumerate(mods):
+                    if seed is not None:
+                        m.generator = torch.Generator(device=next(m.parameters()).device).manual_seed(mix_seed(seed, i, j))
+                    if m.hold_mask: m.resample()
+                p, targs = self.get_preds(dl=dl, **kwargs)[:2]
+                preds.append(p)
     finally:
         for m, (mc, gen) in zip(mods, saved): m.mc_dropout, m.generator = mc, gen; m.reset()
     preds = torch.stack(preds)
