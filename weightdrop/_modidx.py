@@ -276,6 +276,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'weightdrop.subnet.fix_gates': ('subnet.html#fix_gates', 'weightdrop/subnet.py'),
                                    'weightdrop.subnet.recalibrate_bn': ('subnet.html#recalibrate_bn', 'weightdrop/subnet.py'),
                                    'weightdrop.subnet.resolve_choices': ('subnet.html#resolve_choices', 'weightdrop/subnet.py')},
+            'weightdrop.synth': {'weightdrop.synth.synth_dls': ('synth.html#synth_dls', 'weightdrop/synth.py')},
             'weightdrop.validate': { 'weightdrop.validate.Checked': ('validate.html#checked', 'weightdrop/validate.py'),
                                      'weightdrop.validate.Checked.__get__': ('validate.html#checked.__get__', 'weightdrop/validate.py'),
                                      'weightdrop.validate.Checked.__init__': ('validate.html#checked.__init__', 'weightdrop/validate.py'),
