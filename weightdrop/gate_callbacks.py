@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 import pandas as pd
+from fastcore.basics import patch
 from fastai.callback.core import Callback
 from fastai.callback.schedule import LRFinder
 from .gates import RandomGate, gates, EVAL_MODES
@@ -68,20 +69,28 @@ class GateCallback(Callback):
     def after_step(self):
         for g in self.gates.values(): g.clear_off_grads()   # the next batch opens a new step
 
-    def most_chosen(self) -> dict:
-        "{gate name: its `k` most chosen branches so far}."
-        return {n: tuple(sorted(sorted(range(g.n), key=lambda i: -self.counts[n][i])[:g.k])) for n, g in self.gates.items()}
 
-    def before_validate(self):
-        if self.valid is None: return
-        chosen = self.most_chosen() if self.valid_choices == 'most' else getattr(self, '_valid', {})
-        for n, g in self.gates.items(): g.override_eval(self.valid, chosen.get(n))
+# %% ../nbs/12_gate_callbacks.ipynb #a64cee54
+@patch
+def most_chosen(self:GateCallback) -> dict:
+    "{gate name: its `k` most chosen branches so far}."
+    return {n: tuple(sorted(sorted(range(g.n), key=lambda i: -self.counts[n][i])[:g.k])) for n, g in self.gates.items()}
 
-    def _release(self):
-        for g in getattr(self, 'gates', {}).values(): g.release()
-    def after_validate(self): self._release()
-    def after_cancel_fit(self): self._release()
-    def after_fit(self): self._release(); self._lr_find = False
+@patch
+def before_validate(self:GateCallback):
+    if self.valid is None: return
+    chosen = self.most_chosen() if self.valid_choices == 'most' else getattr(self, '_valid', {})
+    for n, g in self.gates.items(): g.override_eval(self.valid, chosen.get(n))
+
+@patch
+def _release(self:GateCallback):
+    for g in getattr(self, 'gates', {}).values(): g.release()
+@patch
+def after_validate(self:GateCallback): self._release()
+@patch
+def after_cancel_fit(self:GateCallback): self._release()
+@patch
+def after_fit(self:GateCallback): self._release(); self._lr_find = False
 
 # %% ../nbs/12_gate_callbacks.ipynb #8be91f5a
 def show_gate_stats(src, # A `Learner` with a `GateCallback`, or the callback

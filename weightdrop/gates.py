@@ -49,6 +49,21 @@ def _check_int(v, arg:str) -> int:
     if isinstance(v, bool) or not isinstance(v, int): raise TypeError(f"{arg} must be an int, got {type(v).__name__} {v!r}")
     return v
 
+def _check_branch_list(branches, combine:str):
+    "The branches are modules or `None` (with combine='sum'), at least one a module."
+    if not branches: raise ValueError("RandomGate needs at least one branch: pass modules, e.g. "
+                                      "RandomGate(nn.Linear(8, 8), nn.Linear(8, 8))")
+    for i, b in enumerate(branches):
+        if b is not None and not isinstance(b, nn.Module):
+            raise TypeError(f"branch {i} is a {type(b).__name__}, not an nn.Module: wrap it in a module, or pass "
+                            "None for an empty branch")
+    if all(b is None for b in branches):
+        raise ValueError("RandomGate needs at least one branch that is a module, not only None")
+    check_choice(combine, 'combine', COMBINES)
+    if None in branches and combine != 'sum':
+        raise ValueError(f"None (empty) branches need combine='sum', got combine={combine!r}: "
+                         "use combine='sum' or pass a module that returns zeros")
+
 def check_branches(choice, # A branch index, or `k` of them
                    n:int, # Branches of the gate
                    k:int, # Branches the gate enables
@@ -172,7 +187,7 @@ class RandomGate(nn.Module):
     ):
         super().__init__()
         if len(branches) == 1 and isinstance(branches[0], (list, tuple)): branches = tuple(branches[0])
-        self._check_branches(branches, combine)
+        _check_branch_list(branches, combine)
         n, k = len(branches), check_count(k, 'k')
         if k > n: raise ValueError(f"k={k} is out of range: enable between 1 and the number of branches ({n})")
         dim, seed = _check_int(dim, 'dim'), _check_int(seed, 'seed')
@@ -190,21 +205,6 @@ class RandomGate(nn.Module):
         self.generator = torch.Generator().manual_seed(seed)
         self._shapes, self._held_seed, self._override, self._keep_graph, self._off_cache = {}, None, None, None, {}
         self.last_choice, self.last_counts, self.off_params, self._off_since_clear = None, None, [], None
-
-    @staticmethod
-    def _check_branches(branches, combine):
-        if not branches: raise ValueError("RandomGate needs at least one branch: pass modules, e.g. "
-                                          "RandomGate(nn.Linear(8, 8), nn.Linear(8, 8))")
-        for i, b in enumerate(branches):
-            if b is not None and not isinstance(b, nn.Module):
-                raise TypeError(f"branch {i} is a {type(b).__name__}, not an nn.Module: wrap it in a module, or pass "
-                                "None for an empty branch")
-        if all(b is None for b in branches):
-            raise ValueError("RandomGate needs at least one branch that is a module, not only None")
-        check_choice(combine, 'combine', COMBINES)
-        if None in branches and combine != 'sum':
-            raise ValueError(f"None (empty) branches need combine='sum', got combine={combine!r}: "
-                             "use combine='sum' or pass a module that returns zeros")
 
     @property
     def p(self): return self._p
