@@ -1,6 +1,6 @@
 """Benchmark: SGD step time of a two-branch supernet, three ways, plus a 4-branch gate as k goes 1..4.
 
-Seed network (issue #4): two conv branches on 3x32x32 input, concatenated, then three linear layers, batch 256.
+Seed network: two conv branches on 3x32x32 input, concatenated, then three linear layers, batch 256.
   1. mask:      compute both branches, multiply each by a 0/1 gate (the usual hand-written supernet)
   2. hand skip: compute the chosen branch only, hand-made zeros for the other
   3. RandomGate(b1, b2, combine='cat')

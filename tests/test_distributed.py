@@ -153,3 +153,158 @@ def test_fastai_ddp_checkpoint_loads_single_process(runs):
         torch.set_num_threads(1)
         assert torch.equal(eval_outputs(model), r0['eval'])
     finally: torch.set_num_threads(threads)
+
+
+# ---- random gates under DDP
+# Two processes, gloo, CPU, spawned from the test; DDP(model) with the default find_unused_parameters=False.
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+
+def leave_process_group():
+    "End a spawned rank cleanly: meet the peer, tear the group down, and exit without C++ teardown."
+    dist.barrier()   # gloo aborts a rank that tears down while its peer still talks
+    dist.destroy_process_group()
+    os._exit(0)      # gloo threads sometimes abort the interpreter's exit ('terminate called ...')
+
+
+def join_process_group(rank, world, port):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+
+
+def gate_supernet():
+    from weightdrop.gates import RandomGate
+    torch.manual_seed(0)
+    return nn.Sequential(
+        RandomGate(nn.Linear(6, 8), nn.Sequential(nn.Linear(6, 8), nn.Tanh()), nn.Linear(6, 8), combine='sum'),
+        nn.ReLU(),
+        RandomGate(nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 4), k=2, combine='cat', seed=1),
+        nn.Linear(12, 1))
+
+
+def flat(model): return torch.cat([q.detach().reshape(-1) for q in model.parameters()])
+
+
+def off_state(model, opt):
+    "{parameter name: (weight, optimizer state)} of every parameter, cloned."
+    return {n: (q.detach().clone(), {k: v.clone() for k, v in opt.state[q].items() if torch.is_tensor(v)})
+            for n, q in model.named_parameters()}
+
+
+def _plain_loop_worker(rank, world, port, out_dir):
+    "A plain loop with no weightdrop-specific call: DDP(model), torch.optim, forward, backward, step."
+    join_process_group(rank, world, port)
+    from weightdrop.gates import gates
+    res = {}
+    for opt_name in ('sgd', 'adamw'):
+        model = gate_supernet()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = (torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01) if opt_name == 'sgd'
+               else torch.optim.AdamW(ddp.parameters(), lr=0.01, weight_decay=0.1))
+        gen = torch.Generator().manual_seed(100 + rank)   # each rank its own data
+        choices, moved_off, checked = [], [], 0
+        for step in range(12):
+            x, y = torch.randn(16, 6, generator=gen), torch.randn(16, 1, generator=gen)
+            before = off_state(model, opt)
+            (ddp(x) - y).pow(2).mean().backward()
+            off = {id(q) for g in gates(model).values() for q in g.off_params}
+            opt.step(); opt.zero_grad()
+            after = off_state(model, opt)
+            for n, q in model.named_parameters():
+                if id(q) not in off: continue
+                checked += 1
+                (w0, s0), (w1, s1) = before[n], after[n]
+                if not (torch.equal(w0, w1) and s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)):
+                    moved_off.append((step, n))
+            choices.append([g.last_choice for g in gates(model).values()])
+        res[opt_name] = dict(choices=choices, moved_off=moved_off, checked=checked, flat=flat(model))
+    torch.save(res, os.path.join(out_dir, f'rank{rank}.pt'))
+    leave_process_group()
+
+
+def test_gates_ddp_plain_loop_same_choices_off_branches_still(tmp_path):
+    """RandomGate under DDP in a plain loop needs no weightdrop-specific call and no find_unused_parameters: both
+    ranks choose the same branches, end with identical trained weights, and in every step where a branch was off its
+    weights and optimizer state (SGD momentum and weight decay, AdamW moments) are bit-unchanged."""
+    mp.spawn(_plain_loop_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f'rank{r}.pt') for r in (0, 1))
+    init = flat(gate_supernet())
+    for opt in ('sgd', 'adamw'):
+        assert r0[opt]['choices'] == r1[opt]['choices']              # same branches on both ranks, no communication
+        assert len({str(c) for c in r0[opt]['choices']}) > 1          # and they do change from step to step
+        assert torch.equal(r0[opt]['flat'], r1[opt]['flat'])          # ranks' weights identical
+        assert not torch.equal(r0[opt]['flat'], init)                 # and they trained
+        assert r0[opt]['checked'] > 0 and r0[opt]['moved_off'] == [] and r1[opt]['moved_off'] == []
+
+
+def _grad_is_mean_worker(rank, world, port, out_dir):
+    join_process_group(rank, world, port)
+    from weightdrop.gates import gates
+    model, ref = gate_supernet(), gate_supernet()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    gen = torch.Generator().manual_seed(7 + rank)
+    x, y = torch.randn(16, 6, generator=gen), torch.randn(16, 1, generator=gen)
+    for m in (model, ref):
+        for g in gates(m).values(): g.hold_choice(step=3)
+    (ddp(x) - y).pow(2).mean().backward()
+    (ref(x) - y).pow(2).mean().backward()
+    ok, on = True, [g.last_choice for g in gates(model).values()]
+    off = {id(q) for g in gates(model).values() for q in g.off_params}
+    for q, r in zip(model.parameters(), ref.parameters()):
+        if id(q) in off: ok &= bool((q.grad == 0).all()); continue   # kept on the graph for DDP, cleared at the step
+        mean = r.grad.clone(); dist.all_reduce(mean); mean /= world
+        ok &= torch.allclose(q.grad, mean, atol=1e-6)
+    torch.save((ok, on), os.path.join(out_dir, f'ok{rank}.pt'))
+    leave_process_group()
+
+
+def test_gates_ddp_grad_is_mean_of_rank_grads(tmp_path):
+    """With find_unused_parameters=True but ranks choosing different branches, each branch's gradient comes out
+    divided by the world size. Step-seeded choices agree on both ranks, and an on branch's gradient is the plain mean
+    of the ranks' local gradients."""
+    mp.spawn(_grad_is_mean_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    (ok0, on0), (ok1, on1) = (torch.load(tmp_path / f'ok{r}.pt') for r in (0, 1))
+    assert ok0 and ok1 and on0 == on1
+
+
+def _fastai_gates_worker(rank, world, port, out_dir):
+    join_process_group(rank, world, port)
+    from fastai.basics import Learner, MSELossFlat, SGD, Callback
+    from weightdrop.gates import gates
+    from weightdrop.gate_callbacks import GateCallback
+    from weightdrop.synth import synth_dls
+    model = gate_supernet()
+    ddp = nn.parallel.DistributedDataParallel(model)
+
+    class OffStill(Callback):
+        "At every optimizer step: did the off branches' weights stay put?"
+        order = GateCallback.order + 1
+        def before_fit(self): self.moved, self.checked, self.choices = [], 0, []
+        def before_step(self):
+            self.off = [(q, q.detach().clone()) for g in gates(model).values() for q in g._off_since_clear or ()]
+        def after_step(self):
+            self.checked += len(self.off)
+            self.moved += [i for i, (q, q0) in enumerate(self.off) if not torch.equal(q, q0)]
+            self.choices.append([g.last_choice for g in gates(model).values()])
+
+    cb, spy = GateCallback(seed=5), OffStill()
+    learn = Learner(synth_dls(96, 6, 16, seed=rank), ddp, loss_func=MSELossFlat(),
+                    opt_func=lambda *a, **k: SGD(*a, mom=0.9, **k), wd=0.01, cbs=[cb, spy])
+    with learn.no_logging(), learn.no_bar(): learn.fit(2, 1e-2)
+    torch.save(dict(flat=flat(model), counts=cb.counts, choices=spy.choices, moved=spy.moved, checked=spy.checked),
+               os.path.join(out_dir, f'rank{rank}.pt'))
+    leave_process_group()
+
+
+def test_gates_ddp_fastai_gate_callback(tmp_path):
+    """GateCallback in a Learner around a DDP model: the same choices and identical weights on both ranks, and the off
+    branches never move under fastai's SGD with momentum and weight decay."""
+    mp.spawn(_fastai_gates_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f'rank{r}.pt') for r in (0, 1))
+    assert r0['choices'] == r1['choices'] and r0['counts'] == r1['counts'] and sum(r0['counts']['0']) == 2 * 4
+    assert torch.equal(r0['flat'], r1['flat'])
+    assert r0['checked'] > 0 and r0['moved'] == [] and r1['moved'] == []

@@ -1,14 +1,26 @@
-"Tests for weightdrop.gates and weightdrop.gate_callbacks (issue #4: random-gate modules)."
-import copy, random
+"""weightdrop.gates: RandomGate, stochastic_depth, the shape probe, and the off branches' bookkeeping.
+Sections: behaviour, bad input, pinned defects (the anchors' and our own users')."""
+import copy, math, os, random, socket
 import numpy as np
 import pytest
 import torch
 from torch import nn
-import torch.nn.functional as F
+import torch.distributed as dist
+from hypothesis import given, settings, strategies as st, HealthCheck
 from weightdrop import gates as G
-from weightdrop.gates import RandomGate, fix_gates, export_subnet, recalibrate_bn, clear_off_grads, stochastic_depth, step_seed
-from weightdrop.gate_callbacks import GateCallback, show_gate_stats
+from weightdrop.gates import RandomGate, clear_off_grads, stochastic_depth, gates
+from weightdrop.dropout import WeightDropout
 
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def sd_clone(m): return {k: v.clone() for k, v in m.state_dict().items()}
+def sd_equal(a, b): return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+def snapshot(*mods): return [{k: v.clone() for k, v in m.state_dict().items()} for m in mods]
+def same(a, b): return all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+# ---- behaviour
 
 class Count(nn.Module):
     "Linear branch that counts calls and rows on real (non-meta) data."
@@ -19,11 +31,6 @@ class Count(nn.Module):
         return self.lin(x)
 
 
-def sd_clone(m): return {k: v.clone() for k, v in m.state_dict().items()}
-def sd_equal(a, b): return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-# ---- only the enabled branches run; zeros of the right shape, dtype and device; layout fixed
 def test_off_branches_not_called_and_get_no_grad():
     torch.manual_seed(0)
     br = [Count(4, 3), Count(4, 5), Count(4, 2)]
@@ -67,12 +74,12 @@ def test_stack_combine_layout():
 
 def test_shape_learned_once_per_input_shape_without_running(monkeypatch):
     calls = []
-    real = G._meta_output
-    monkeypatch.setattr(G, '_meta_output', lambda b, x: calls.append(tuple(x.shape)) or real(b, x))
+    real = G.probe_output
+    monkeypatch.setattr(G, 'probe_output', lambda b, x: calls.append(tuple(x.shape)) or real(b, x))
     bn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     gate = RandomGate(bn, nn.Linear(4, 4), combine='cat', seed=0)
     stats = sd_clone(bn)
-    probe_out = G._meta_output(bn, torch.randn(3, 4))
+    probe_out = G.probe_output(bn, torch.randn(3, 4))
     assert probe_out.is_meta and sd_equal(sd_clone(bn), stats)   # the probe moved no BatchNorm statistic
     calls.clear()
     for _ in range(10): gate(torch.randn(8, 4))
@@ -87,12 +94,11 @@ def test_shape_fallback_when_meta_fails():
         def forward(self, x): return self.bn(self.lin(x)) * float(x.abs().max())   # .item() can't run on meta
     nd = NeedsData()
     stats = sd_clone(nd)
-    out = G._meta_output(nd, torch.randn(3, 4))
+    out = G.probe_output(nd, torch.randn(3, 4))
     assert out.shape == (3, 4) and not out.is_meta
     assert sd_equal(sd_clone(nd), stats)       # ran on a throwaway copy
 
 
-# ---- sampling: k of N, uniform or p; own generator; step-indexed seeds
 def test_choice_frequencies_match_inclusion_probabilities():
     p = [0.5, 0.3, 0.2]
     gate = RandomGate(*[nn.Linear(1, 1) for _ in p], k=2, p=p, combine='sum', seed=5)
@@ -110,23 +116,13 @@ def test_choice_frequencies_match_inclusion_probabilities():
     assert torch.allclose(torch.tensor(gate.keep), expect, atol=1e-12, rtol=0)
 
 
-def test_choices_do_not_touch_global_rng():
-    gate = RandomGate(*[nn.Linear(2, 2) for _ in range(4)], k=2, combine='sum', per_sample=True, seed=0)
-    torch.manual_seed(0); random.seed(0); np.random.seed(0)
-    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
-    with torch.no_grad():
-        for step in range(5): gate.sample(step=step); gate(torch.ones(6, 2))
-    assert torch.equal(torch.get_rng_state(), states[0])
-    assert random.getstate() == states[1] and np.array_equal(np.random.get_state()[1], states[2])
-
-
 def test_same_seed_same_choices_regardless_of_global_rng():
     def choices(global_seed):
         torch.manual_seed(global_seed)
         g = RandomGate(*[nn.Linear(2, 2) for _ in range(5)], k=2, combine='sum', seed=11)
         out = []
         with torch.no_grad():
-            for step in range(20): g.sample(step=step); g(torch.ones(1, 2)); out.append(g.last_choice)
+            for step in range(20): g.hold_choice(step=step); g(torch.ones(1, 2)); out.append(g.last_choice)
         return out
     a, b = choices(0), choices(1)
     assert a == b and len(set(a)) > 3
@@ -136,11 +132,10 @@ def test_held_choice_is_same_for_repeated_calls_in_a_step():
     g = RandomGate(*[nn.Linear(3, 3) for _ in range(6)], combine='sum', seed=0)
     with torch.no_grad():
         for step in range(10):
-            g.sample(step=step); g(torch.ones(1, 3)); c = g.last_choice
+            g.hold_choice(step=step); g(torch.ones(1, 3)); c = g.last_choice
             for _ in range(3): g(torch.ones(1, 3)); assert g.last_choice == c
 
 
-# ---- scaling, identity, per-sample, eval modes
 def test_scale_is_exactly_one_over_keep_prob():
     br = [nn.Linear(3, 3, bias=False) for _ in range(4)]
     g = RandomGate(*br, k=2, combine='cat', scale=True, seed=3)
@@ -199,7 +194,6 @@ def test_eval_modes():
         assert torch.equal(gf(x), gf(x))
 
 
-# ---- optimizer hygiene (torch.optim)
 @pytest.mark.parametrize('make_opt', [lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01),
                                       lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1)], ids=['sgd_mom', 'adamw'])
 @pytest.mark.parametrize('set_to_none', [True, False])
@@ -209,11 +203,11 @@ def test_off_branch_params_do_not_move(make_opt, set_to_none):
     opt = make_opt(g.parameters())
     x = torch.randn(8, 4)
     for step in range(40):   # every branch gets optimizer state (momentum / Adam moments)
-        g.sample(step=step); g(x).pow(2).sum().backward()
+        g.hold_choice(step=step); g(x).pow(2).sum().backward()
         clear_off_grads(g); opt.step(); opt.zero_grad(set_to_none=set_to_none)
     for step in range(40, 60):
         before = [[q.detach().clone() for q in b.parameters()] for b in g.branches]
-        g.sample(step=step); g(x).pow(2).sum().backward()
+        g.hold_choice(step=step); g(x).pow(2).sum().backward()
         (on,) = g.last_choice
         clear_off_grads(g)
         for i, b in enumerate(g.branches):
@@ -228,7 +222,7 @@ def test_shared_parameter_between_on_and_off_branch_keeps_its_grad():
     shared = nn.Linear(3, 3)
     g = RandomGate(shared, nn.Sequential(shared, nn.ReLU()), nn.Linear(3, 3), combine='sum', seed=0, ddp=True)
     for step in range(20):
-        g.sample(step=step); g(torch.randn(2, 3)).sum().backward()
+        g.hold_choice(step=step); g(torch.randn(2, 3)).sum().backward()
         if g.last_choice[0] in (0, 1):
             clear_off_grads(g)
             assert shared.weight.grad is not None and shared.weight.grad.abs().sum() > 0
@@ -245,206 +239,285 @@ def test_ddp_mode_gives_zero_grads_then_cleared():
     assert off.weight.grad is None and off.bias.grad is None
 
 
-# ---- fix_gates / export_subnet
-def supernet():
+# ---- bad input
+
+def branches(n):
     torch.manual_seed(0)
-    return nn.Sequential(RandomGate(nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(4, 6), combine='sum'), nn.ReLU(),
-                         RandomGate(nn.Linear(6, 2), nn.Linear(6, 3), combine='cat', scale=True), nn.Linear(5, 1),
-                         RandomGate(nn.Linear(1, 1), None, combine='sum', identity=True))
+    return [nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)) for _ in range(n)]
 
 
-def test_fix_gates_and_export_subnet_keep_weights_and_outputs():
-    sup = supernet()
-    ref = sd_clone(sup)
-    sub = export_subnet(sup, [1, 0, 1])
-    assert sd_equal(sd_clone(sup), ref) and all(g.fixed is None for g in G.gates(sup).values())
-    assert isinstance(sub[0], nn.Linear) and torch.equal(sub[0].weight, sup[0].branches[1].weight)
-    assert not G.gates(sub)
-    x = torch.randn(5, 4)
+def p_is_valid(p, n, k):
+    "Independent oracle for the probabilities argument."
+    if p is None: return True
+    if len(p) != n or not all(math.isfinite(q) for q in p) or any(q < 0 for q in p): return False
+    return abs(sum(p) - 1) <= 1e-6 and sum(q > 0 for q in p) >= k
+
+
+bad_k = st.one_of(st.integers(-5, 0), st.integers(7, 50), st.booleans(), st.floats(0.5, 3.5), st.just('2'))
+finite = st.floats(-2, 2, allow_nan=False)
+any_p = st.lists(st.one_of(finite, st.just(float('nan')), st.just(float('inf'))), min_size=0, max_size=8)
+
+
+@SETTINGS
+@given(n=st.integers(1, 6), k=bad_k)
+def test_bad_k(n, k):
+    bs = branches(n); before = snapshot(*bs)
+    if isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= n: return
+    with pytest.raises((ValueError, TypeError), match=r'\bk\b') as e: RandomGate(*bs, k=k)
+    assert any(w in str(e.value) for w in ('between 1 and', 'must be an int', 'must be >= 1'))
+    assert same(snapshot(*bs), before)
+
+
+@SETTINGS
+@given(n=st.integers(1, 6), k=st.integers(1, 6), p=any_p)
+def test_bad_p(n, k, p):
+    k = min(k, n)
+    bs = branches(n); before = snapshot(*bs)
+    if p_is_valid(p, n, k):
+        g = RandomGate(*bs, k=k, p=p, combine='sum')
+        assert math.isclose(sum(g.keep), k, rel_tol=1e-9)
+        return
+    with pytest.raises(ValueError, match=r'\bp\b') as e: RandomGate(*bs, k=k, p=p, combine='sum')
+    msg = str(e.value)
+    assert any(w in msg for w in ('one per branch', 'negative', 'normalise', 'non-finite', "can't be drawn"))
+    assert same(snapshot(*bs), before)
+
+
+@SETTINGS
+@given(combine=st.text(max_size=6), dim=st.one_of(st.integers(-3, 3), st.floats(0, 2), st.none()))
+def test_bad_combine_and_dim(combine, dim):
+    bs = branches(2); before = snapshot(*bs)
+    if combine not in ('cat', 'sum', 'stack'):
+        with pytest.raises(ValueError, match='combine must be one of'): RandomGate(*bs, combine=combine, dim=dim)
+    elif not isinstance(dim, int):
+        with pytest.raises(TypeError, match='dim must be an int'): RandomGate(*bs, combine=combine, dim=dim)
+    assert same(snapshot(*bs), before)
+
+
+def test_no_branches_and_non_modules():
+    with pytest.raises(ValueError, match='at least one branch'): RandomGate()
+    with pytest.raises(ValueError, match='not only None'): RandomGate(None, None, combine='sum')
+    with pytest.raises(TypeError, match='branch 1 .*nn.Module'): RandomGate(nn.Linear(2, 2), lambda x: x)
+    with pytest.raises(ValueError, match="None .*combine='sum'"): RandomGate(nn.Linear(2, 2), None, combine='cat')
+    with pytest.raises(ValueError, match="eval_choice"): RandomGate(nn.Linear(2, 2), eval_mode='fixed')
+    with pytest.raises(ValueError, match="eval_mode must be one of"): RandomGate(nn.Linear(2, 2), eval_mode='mean')
+
+
+@SETTINGS
+@given(outs=st.lists(st.integers(1, 5), min_size=2, max_size=4), combine=st.sampled_from(['sum', 'stack', 'cat']),
+       extra_dim=st.booleans())
+def test_branches_that_cannot_be_combined(outs, combine, extra_dim):
+    torch.manual_seed(0)
+    bs = [nn.Sequential(nn.Linear(3, o), nn.BatchNorm1d(o)) for o in outs]
+    if extra_dim: bs[-1] = nn.Sequential(bs[-1], nn.Unflatten(1, (outs[-1], 1)))
+    g = RandomGate(*bs, combine=combine)
+    before = snapshot(g)
+    compatible = (not extra_dim) and (combine == 'cat' or len(set(outs)) == 1)
+    x = torch.randn(4, 3)
+    if compatible: g(x); return
+    with pytest.raises(ValueError, match="can't be combined") as e: g(x)
+    assert 'make the branch outputs match' in str(e.value)
+    assert same(snapshot(g), before)   # BatchNorm statistics included: no branch ran
+
+
+@SETTINGS
+@given(step=st.one_of(st.integers(-10, -1), st.floats(0, 5), st.booleans(), st.text(max_size=2)))
+def test_bad_step(step):
+    g = RandomGate(*branches(2)); before = snapshot(g)
+    with pytest.raises((ValueError, TypeError), match='step must be'): g.hold_choice(step=step)
+    assert g._held_seed is None and same(snapshot(g), before)
+
+
+def test_bad_eval_override_and_setters_leave_the_gate_as_it_was():
+    g = RandomGate(*branches(3), combine='sum')
+    with pytest.raises(ValueError, match='mode must be one of'): g.override_eval('mean')
+    with pytest.raises(ValueError, match='outside 0..2'): g.override_eval('fixed', 5)
+    assert g._override is None
+    with pytest.raises(ValueError, match='needs eval_choice'): g.eval_mode = 'fixed'
+    with pytest.raises(ValueError, match='not 1'): g.p = [0.5, 0.5, 0.5]
+    assert g.eval_mode == 'all' and g.p == [1 / 3] * 3 and g.keep == [1 / 3] * 3
+
+
+# ---- pinned defects
+
+def _free_port():
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+def _choices(global_seed, steps=16):
+    "One 'rank': its own global RNG state, a gate built from the same config."
+    torch.manual_seed(global_seed); random.seed(global_seed); np.random.seed(global_seed)
+    g = RandomGate(*[nn.Linear(2, 2) for _ in range(4)], combine='sum', seed=0)
+    out = []
     with torch.no_grad():
-        h = F.relu(sup[0].branches[1](x))
-        h = torch.cat([sup[2].branches[0](h) * 2.0, torch.zeros(5, 3)], 1)   # scale=True: 1/keep = 2
-        expect = sup[3](h)                                                   # the None branch: identity only
-        assert torch.equal(sub(x), expect)
-        fix_gates(sup, {'0': 1, '2': 0, '4': 1})
-        for mode in (True, False):
-            sup.train(mode); assert torch.equal(sup(x), expect)
-    n_sub = sum(q.numel() for q in sub.parameters())
-    assert n_sub == 4 * 6 + 6 + 6 * 2 + 2 + 5 + 1
-    fix_gates(sup, None)
-    assert all(g.fixed is None for g in G.gates(sup).values())
+        for step in range(steps):
+            g.hold_choice(step=step); g(torch.ones(1, 2)); out.append(g.last_choice)
+            torch.rand(3); random.random(); np.random.rand()   # user code moving the global RNGs differently per rank
+    return out
 
 
-def test_exported_subnet_trains_and_saves():
-    sub = export_subnet(supernet(), [2, 1, 0])
-    opt = torch.optim.SGD(sub.parameters(), lr=0.1)
-    sub(torch.randn(3, 4)).sum().backward(); opt.step()
-    clone = copy.deepcopy(sub)
-    assert sd_equal(sd_clone(clone), sd_clone(sub))
+def test_nni_unseeded_random_state_differs_per_rank():
+    """microsoft/nni#5013: NNI's Categorical.random() used an unseeded RandomState, so DDP ranks drew different paths.
+    Here the choice depends only on (seed, step), not on any global RNG: two ranks with different global states agree."""
+    a, b = _choices(0), _choices(12345)
+    assert a == b
+    assert len(set(a)) > 1
 
 
-# ---- BatchNorm recalibration
-def test_recalibrate_bn_exact_statistics_and_restores_state():
-    def bnb(): return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=0.3))
-    net = nn.Sequential(RandomGate(bnb(), bnb(), combine='sum', seed=0))
-    g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(16, 3, generator=g) * 2 + 1, torch.zeros(16)) for _ in range(5)]
-    for xb, _ in data: net(xb)
-    net.eval()
-    other = sd_clone(net[0].branches[0])
-    recalibrate_bn(net, data, choices=[1], n_batches=4)
-    b = net[0].branches[1]
-    with torch.no_grad(): h = [b[0](xb) for xb, _ in data[:4]]
-    assert torch.allclose(b[1].running_mean, torch.stack([t.mean(0) for t in h]).mean(0), atol=1e-6)
-    assert torch.allclose(b[1].running_var, torch.stack([t.var(0) for t in h]).mean(0), atol=1e-5)
-    assert b[1].momentum == 0.3 and not net.training and net[0].fixed == (1,)
-    # BatchNorm of the branch that is not chosen: reset (it is part of the model), then never fed
-    assert torch.equal(net[0].branches[0][1].running_mean, torch.zeros(4))
-    assert torch.equal(net[0].branches[0][0].weight, other['0.weight'])
+def test_spos_grad_sum_zero_heuristic():
+    """megvii-model/SinglePathOneShot: after backward SPOS sets grad=None where grad.sum()==0, a guess at which blocks
+    were off. An *enabled* branch whose gradient happens to be zero (a dead ReLU) would lose its momentum and weight
+    decay too. RandomGate knows which branches ran: only off branches get None."""
+    dead = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    with torch.no_grad(): dead[0].bias.fill_(-100.0)   # ReLU always 0: zero gradient although the branch runs
+    g = RandomGate(dead, nn.Linear(3, 3), combine='sum', seed=0)
+    opt = torch.optim.SGD(g.parameters(), lr=0.1, weight_decay=0.1)
+    saw_dead_on = False
+    for step in range(20):
+        g.hold_choice(step=step); g(torch.randn(4, 3)).sum().backward(); clear_off_grads(g)
+        if g.last_choice == (0,):
+            saw_dead_on = True
+            assert dead[0].weight.grad is not None and dead[0].weight.grad.abs().sum() == 0
+            w = dead[0].weight.detach().clone(); opt.step()
+            assert torch.allclose(dead[0].weight, w * (1 - 0.1 * 0.1), rtol=1e-6, atol=0)   # weight decay applied
+        else:
+            assert dead[0].weight.grad is None
+            opt.step()
+        opt.zero_grad()
+    assert saw_dead_on
 
 
-def test_recalibrate_bn_refuses_loose_gates():
-    net = nn.Sequential(RandomGate(nn.BatchNorm1d(3), nn.BatchNorm1d(3), combine='sum'))
-    before = sd_clone(net)
-    with pytest.raises(ValueError, match='not fixed'): recalibrate_bn(net, [torch.randn(4, 3)])
-    assert sd_equal(sd_clone(net), before)
+def test_ofa_reseeds_global_random():
+    """Once-for-all seeds Python's global `random` from the step index so workers agree, which resets every other user
+    of `random`. RandomGate draws from its own generator: the global torch, Python and NumPy states do not move."""
+    g = RandomGate(*[nn.Linear(2, 2) for _ in range(3)], k=2, combine='cat', per_sample=True, seed=0)
+    torch.manual_seed(1); random.seed(1); np.random.seed(1)
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    with torch.no_grad():
+        for step in range(5): g.hold_choice(step=step); g(torch.ones(4, 2))
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2])
 
 
-# ---- GateCallback
-from fastai.basics import Learner, DataLoaders, MSELossFlat, SGD, Adam, Callback, CancelFitException
+def test_drop_path_computes_then_masks():
+    """timm drop_path and torchvision StochasticDepth compute the block for every row and then multiply by a mask, which
+    saves nothing. stochastic_depth runs the block only on kept rows (per sample) and not at all when the whole batch
+    skips it."""
+    class Rows(nn.Module):
+        def __init__(self): super().__init__(); self.lin, self.rows = nn.Linear(4, 4), 0
+        def forward(self, x):
+            if not x.is_meta: self.rows += x.shape[0]
+            return self.lin(x)
+    blk = Rows()
+    sd = stochastic_depth(blk, 0.5, per_sample=True, seed=0)
+    with torch.no_grad(): sd(torch.randn(200, 4))
+    assert blk.rows == int(sd.last_choice[:, 0].sum()) < 200
+    blk2 = Rows()
+    batch = stochastic_depth(blk2, 0.5, per_sample=False, seed=0)
+    skipped = 0
+    with torch.no_grad():
+        for step in range(20):
+            before = blk2.rows; x = torch.randn(8, 4); y = batch(x)
+            if batch.last_choice == (1,): skipped += 1; assert blk2.rows == before and torch.equal(y, x)
+    assert skipped > 0
 
 
-def dls(n=256, bs=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=g); y = torch.sin(2 * x[:, :1]) + 0.5 * x[:, 1:2]
-    cut = n * 3 // 4
-    return DataLoaders.from_dsets(list(zip(x[:cut], y[:cut])), list(zip(x[cut:], y[cut:])), bs=bs, shuffle=False, num_workers=0)
+def _ddp_world1(port):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=0, world_size=1)
 
 
-def two_gate_net(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(RandomGate(*[nn.Linear(4, 8) for _ in range(4)], combine='sum'), nn.ReLU(),
-                         RandomGate(*[nn.Linear(8, 8) for _ in range(4)], combine='sum'), nn.ReLU(), nn.Linear(8, 1))
+class _HandSwitch(nn.Module):
+    "The hand-written supernet: run one branch, ignore the other."
+    def __init__(self): super().__init__(); self.b = nn.ModuleList([nn.Linear(3, 3), nn.Linear(3, 3)]); self.i = 0
+    def forward(self, x): self.i += 1; return self.b[self.i % 2](x)
 
 
-class Record(Callback):
-    "Record every gate's choice after each training forward."
-    order = 1
-    def __init__(self): self.log = []
-    def after_pred(self):
-        if self.training: self.log.append(tuple(m.last_choice for m in G.gates(self.learn.model).values()))
-
-
-def test_gate_callback_same_choices_for_same_seed_independent_across_gates():
-    def run(net_seed):
-        rec = Record()
-        learn = Learner(dls(), two_gate_net(net_seed), loss_func=MSELossFlat(), cbs=[GateCallback(seed=7), rec])
-        with learn.no_logging(): learn.fit(3, 1e-2)
-        return rec.log
-    a, b = run(0), run(1)      # like two ranks: different weights and global RNG, same seed
-    assert a == b and len(a) == 3 * 6
-    assert any(c0 != c1 for c0, c1 in a)   # the two identical gates do not move in lockstep
-
-
-def test_gate_callback_counts_and_stats_table():
-    learn = Learner(dls(), two_gate_net(), loss_func=MSELossFlat(), cbs=GateCallback(seed=0))
-    rec = Record(); learn.add_cb(rec)
-    with learn.no_logging(): learn.fit(2, 1e-2)
-    df = show_gate_stats(learn)
-    assert list(df.columns) == ['gate', 'branch', 'chosen', 'share', 'expected'] and len(df) == 8
-    for gi, name in enumerate(['0', '2']):
-        expect = [sum(c[gi] == (i,) for c in rec.log) for i in range(4)]
-        assert df[df.gate == name].chosen.tolist() == expect
-    assert (df.expected == 0.25).all()
-
-
-def test_gate_callback_clears_off_grads_for_fastai_optimizers():
-    for opt in (lambda *a, **k: SGD(*a, mom=0.9, **k), Adam):
-        net = two_gate_net()
-        learn = Learner(dls(), net, loss_func=MSELossFlat(), opt_func=opt, wd=0.1, cbs=GateCallback(seed=1))
-        with learn.no_logging():
-            learn.fit(1, 1e-2)
-            net[0].p = [0, 0, 1.0, 0]              # from now on only branch 2 of the first gate
-            before = sd_clone(net[0])
-            learn.fit(1, 1e-2)
-        after = sd_clone(net[0])
-        for k in before:
-            assert torch.equal(before[k], after[k]) == (not k.startswith('branches.2.')), k
-
-
-def test_gate_callback_valid_fixed_equals_exported_subnet():
-    learn = Learner(dls(), two_gate_net(), loss_func=MSELossFlat(),
-                    cbs=GateCallback(valid='fixed', valid_choices=[3, 1]))
-    with learn.no_logging(): learn.fit(1, 1e-2)
-    sub = export_subnet(learn.model, [3, 1]).eval()
-    xs, ys = zip(*learn.dls.valid_ds)
-    with torch.no_grad(): ref = F.mse_loss(sub(torch.stack(xs)), torch.stack(ys)).item()
-    assert abs(learn.recorder.values[-1][1] - ref) < 1e-6
-
-
-def test_gate_callback_valid_most():
-    cb = GateCallback(valid='fixed', valid_choices='most', seed=0)
-    learn = Learner(dls(), two_gate_net(), loss_func=MSELossFlat(), cbs=cb)
-    with learn.no_logging(): learn.fit(1, 1e-2)
-    most = cb.most_chosen()
-    for n, c in most.items(): assert cb.counts[n][c[0]] == max(cb.counts[n])
-    sub = export_subnet(learn.model, most).eval()
-    xs, ys = zip(*learn.dls.valid_ds)
-    with torch.no_grad(): ref = F.mse_loss(sub(torch.stack(xs)), torch.stack(ys)).item()
-    assert abs(learn.recorder.values[-1][1] - ref) < 1e-6
-
-
-class Stop(Callback):
-    def __init__(self, when, exc): self.when, self.exc = when, exc
-    def after_pred(self):
-        if (self.when == 'train') == self.training: raise self.exc
-
-
-@pytest.mark.parametrize('when', ['train', 'valid'])
-@pytest.mark.parametrize('exc', [CancelFitException, RuntimeError, KeyboardInterrupt])
-def test_interrupted_fit_leaves_model_eval_ready(when, exc):
-    net = two_gate_net()
-    learn = Learner(dls(), net, loss_func=MSELossFlat(),
-                    cbs=[GateCallback(valid='fixed', valid_choices=[0, 0], ddp=True), Stop(when, exc('stop'))])
+def test_ddp_find_unused_false_expected_to_have_finished_reduction():
+    """pytorch/pytorch#18180, microsoft/nni#1962: a supernet under DDP with find_unused_parameters=False raises
+    "Expected to have finished reduction in the prior iteration"; static_graph=True raises "graph has changed".
+    With RandomGate both settings train, with no weightdrop-specific call (one process, gloo, world size 1 is enough to reproduce it)."""
+    _ddp_world1(_free_port())
     try:
-        with learn.no_logging(): learn.fit(1, 1e-2)
-    except (RuntimeError, KeyboardInterrupt): pass
-    if exc is CancelFitException:   # fastai runs after_cancel_fit: the callback cleaned up by itself
-        for g in G.gates(net).values(): assert g._held_seed is None and g._override is None
-    net.eval()
-    x = torch.randn(5, 4)
+        hand = nn.parallel.DistributedDataParallel(_HandSwitch())
+        with pytest.raises(RuntimeError, match='Expected to have finished reduction'):
+            for _ in range(3): hand(torch.randn(2, 3)).sum().backward()
+        for static in (False, True):
+            torch.manual_seed(0)
+            net = nn.Sequential(RandomGate(nn.Linear(3, 3), nn.Sequential(nn.Linear(3, 3), nn.Tanh()), combine='sum',
+                                           seed=0))   # ddp left at None: the process group is detected
+            ddp = nn.parallel.DistributedDataParallel(net, static_graph=static)
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+            seen = set()
+            for step in range(8):
+                ddp(torch.randn(2, 3)).sum().backward()
+                opt.step(); opt.zero_grad(); seen.add(net[0].last_choice)
+            assert seen == {(0,), (1,)}
+    finally:
+        dist.barrier()   # gloo aborts a rank that tears down while its peer still talks
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('opt_name', ['sgd_momentum_wd', 'adamw'])
+def test_weight_decay_on_inactive_supernet_params(opt_name):
+    """walkerning/aw_nas#5, megvii-model/DetNAS#3: weight decay (and momentum) on the parameters of inactive supernet
+    branches over-regularizes them. A branch that is off gets grad None and is not moved by the optimizer at all."""
+    torch.manual_seed(0)
+    g = RandomGate(*[nn.Linear(4, 4) for _ in range(4)], combine='sum', seed=3)
+    opt = (torch.optim.SGD(g.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1) if opt_name == 'sgd_momentum_wd'
+           else torch.optim.AdamW(g.parameters(), lr=0.01, weight_decay=0.5))
+    x = torch.randn(8, 4)
+    for step in range(60):
+        before = [b.weight.detach().clone() for b in g.branches]
+        g.hold_choice(step=step); g(x).pow(2).sum().backward(); clear_off_grads(g)
+        opt.step(); opt.zero_grad(set_to_none=False)   # zeroed, not deleted: the harder case
+        for i, b in enumerate(g.branches):
+            assert torch.equal(b.weight, before[i]) == (i not in g.last_choice)
+
+
+def test_probe_of_a_new_input_shape_keeps_the_held_mask_of_a_branch():
+    """A shape probe is not a call: a branch's WeightDropout holding a seeded mask for the step keeps it when the gate
+    meets a new input shape (two calls in one batch with different shapes see one mask), and the probe moves no
+    generator, BatchNorm statistic or global RNG."""
+    wd = WeightDropout(nn.Linear(4, 4), 0.5, generator=torch.Generator().manual_seed(0))
+    bn = nn.BatchNorm1d(4)
+    g = RandomGate(nn.Sequential(wd, bn), nn.Linear(4, 4), combine='sum', p=[1.0, 0.0])
+    wd.hold_mask = True; wd.resample()
+    held, gen = wd._held['weight'].clone(), wd.generator.get_state()
+    seen = []
+    wd.module.register_forward_hook(lambda m, i, o: seen.append(m.weight.detach().clone()))
+    xs = [torch.randn(3, 4), torch.randn(5, 4)]
+    torch.manual_seed(0); rng = torch.get_rng_state()
     with torch.no_grad():
-        h = F.relu(sum(b(x) for b in net[0].branches))
-        expect = net[4](F.relu(sum(b(h) for b in net[2].branches)))   # the gates' own eval_mode='all'
-        assert torch.equal(net(x), expect)
-    for g in G.gates(net).values(): assert g._held_seed is None and g._override is None and g._keep_graph is None
+        for x in xs: g(x)
+    assert torch.equal(wd._held['weight'], held) and torch.equal(wd.generator.get_state(), gen)
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])          # one mask for both calls
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert bn.num_batches_tracked == 2                                 # the two real calls, not the probes
 
 
-def test_fixed_gate_in_training_reports_its_off_branches():
-    "After fix_gates, a training step's off branches are the unchosen ones (not a stale sampled set)."
-    g = RandomGate(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3), combine='sum', seed=0, ddp=True)
-    g.sample(step=0); g(torch.randn(2, 3))
-    fix_gates(g, 2)
-    g(torch.randn(2, 3)).sum().backward(); clear_off_grads(g)
-    assert [b.weight.grad is None for b in g.branches] == [True, True, False]
-
-
-def test_exported_subnet_pickles(tmp_path):
-    "torch.save of the whole exported model (fastai's export does this) and load give the same outputs."
-    sub = export_subnet(supernet(), [0, (1,), 1]).eval()
-    torch.save(sub, tmp_path / 'sub.pt')
-    back = torch.load(tmp_path / 'sub.pt', weights_only=False)
-    x = torch.randn(3, 4)
-    with torch.no_grad(): assert torch.equal(back(x), sub(x))
-
-
-@pytest.mark.gpu
-def test_gate_on_cuda_keeps_everything_on_the_device():
-    dev = torch.device('cuda')
-    g = RandomGate(nn.Linear(4, 3), nn.Linear(4, 5), combine='cat', per_sample=True, seed=0).to(dev)
-    x = torch.randn(16, 4, device=dev)
-    y = g(x)
-    assert y.device.type == 'cuda' and y.shape == (16, 8)
-    y.sum().backward()
-    sub = export_subnet(fix_gates(copy.deepcopy(g).cpu(), 1).to(dev))
-    assert sub(x).device.type == 'cuda'
+@pytest.mark.parametrize('zero_to_none', [True, False])
+def test_off_branches_still_in_a_plain_loop_with_momentum_and_weight_decay(zero_to_none):
+    """A plain torch loop with SGD(momentum, weight_decay) and no weightdrop-specific call: in steps where a branch
+    was off, its weights and momentum buffer are bit-unchanged (the step pre-hook gives it grad None), even when
+    zero_grad leaves zero tensors behind."""
+    torch.manual_seed(0)
+    g = RandomGate(*[nn.Linear(4, 4) for _ in range(3)], combine='sum', seed=0)
+    opt = torch.optim.SGD(g.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    x = torch.randn(8, 4)
+    still = moved = 0
+    for step in range(30):
+        before = [[q.detach().clone() for q in b.parameters()] for b in g.branches]
+        mom = [[None if opt.state[q].get('momentum_buffer') is None else opt.state[q]['momentum_buffer'].clone()
+                for q in b.parameters()] for b in g.branches]
+        g(x).pow(2).sum().backward()
+        (on,) = g.last_choice
+        opt.step(); opt.zero_grad(set_to_none=zero_to_none)
+        for i, b in enumerate(g.branches):
+            for q, q0, m0 in zip(b.parameters(), before[i], mom[i]):
+                if i == on: moved += not torch.equal(q, q0); continue
+                still += 1
+                assert torch.equal(q, q0)
+                m = opt.state[q].get('momentum_buffer')
+                assert (m is None and m0 is None) or torch.equal(m, m0)
+    assert still > 0 and moved > 0

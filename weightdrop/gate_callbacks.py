@@ -7,54 +7,57 @@ from __future__ import annotations
 import torch
 from torch import nn
 import pandas as pd
+from fastcore.basics import patch
 from fastai.callback.core import Callback
-from .gates import RandomGate, gates, step_seed, _choices_for, _EVAL_MODES
+from fastai.callback.schedule import LRFinder
+from .gates import RandomGate, gates, EVAL_MODES
+from .subnet import resolve_choices
+from .validate import check_choice, check_count, check_flag, mix_seed
 
 # %% auto #0
 __all__ = ['GateCallback', 'show_gate_stats']
 
 # %% ../nbs/12_gate_callbacks.ipynb #8e78577d
 class GateCallback(Callback):
-    "Sample every `RandomGate` once per training batch from one seeded generator; set validation; count choices."
+    "Hold every `RandomGate`'s choice once per training batch from one seeded generator; set validation; count choices."
     order = 0
     def __init__(self,
-        seed:int=0, # Base seed: the step's choices come from (seed, step)
+        seed:int=0, # Base seed: the step's choices come from `mix_seed(seed, step)`
         valid:str|None='all', # Validation: 'all', 'expectation', 'fixed', or None (each gate's own eval_mode)
         valid_choices=None, # For valid='fixed': choices as in `fix_gates`, or 'most' (most chosen so far)
         ddp:bool|None=None, # Keep off branches on the graph; `None`: when the model is DistributedDataParallel
     ):
-        if isinstance(seed, bool) or not isinstance(seed, int): raise TypeError(f"seed must be an int, got {seed!r}")
-        if valid is not None and valid not in _EVAL_MODES:
-            raise ValueError(f"valid={valid!r}: use one of {_EVAL_MODES} or None")
+        self.seed = check_count(seed, 'seed', minimum=0)
+        if valid is not None: check_choice(valid, 'valid', EVAL_MODES)
         if valid == 'fixed' and valid_choices is None:
             raise ValueError("valid='fixed' needs valid_choices: pass the choices (as for fix_gates) or 'most'")
         if valid != 'fixed' and valid_choices is not None:
             raise ValueError(f"valid_choices is only used with valid='fixed', got valid={valid!r}: drop it or set valid='fixed'")
-        if ddp is not None and not isinstance(ddp, bool): raise TypeError(f"ddp must be True, False or None, got {ddp!r}")
-        self.seed, self.valid, self.valid_choices, self.ddp = seed, valid, valid_choices, ddp
+        self.valid, self.valid_choices, self.ddp = valid, valid_choices, ddp if ddp is None else check_flag(ddp, 'ddp')
         self.step, self.counts, self.totals = 0, {}, {}
 
     def before_fit(self):
         model = self.learn.model
-        wrapped = isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
-        if wrapped: model = model.module   # gate names as in the plain model, wrapped or not
-        self.gates = gates(model)
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
+        self.gates = gates(model)   # named as in the plain model, wrapped or not
         if not self.gates: raise ValueError("GateCallback found no RandomGate in the model: remove the callback or add gates")
         if self.valid == 'fixed' and self.valid_choices != 'most':
-            self._valid = _choices_for(model, self.valid_choices)   # raises before any step if they don't fit
+            self._valid = resolve_choices(model, self.valid_choices)   # raises before any step if they don't fit
         self._ddp = isinstance(self.learn.model, nn.parallel.DistributedDataParallel) if self.ddp is None else self.ddp
+        self._lr_find, self._lr_find_step = any(isinstance(c, LRFinder) for c in self.learn.cbs), 0
         for n, g in self.gates.items():
             if len(self.counts.get(n, ())) != g.n: self.counts[n], self.totals[n] = [0] * g.n, 0
             g.clear_off_grads()
 
     def before_batch(self):
         if not self.training: return
-        gen = torch.Generator().manual_seed(step_seed(self.seed, self.step))
-        for g in self.gates.values(): g.sample(generator=gen, keep_graph=self._ddp)
-        self.step += 1
+        if self._lr_find: seed = mix_seed(self.seed, 'lr_find', self._lr_find_step); self._lr_find_step += 1
+        else: seed = mix_seed(self.seed, self.step); self.step += 1
+        gen = torch.Generator().manual_seed(seed)
+        for g in self.gates.values(): g.hold_choice(generator=gen, keep_graph=self._ddp)
 
     def after_pred(self):
-        if not self.training: return
+        if not self.training or self._lr_find: return
         for n, g in self.gates.items():
             if g.last_counts is None or g.fixed is not None: continue
             self.counts[n] = [a + b for a, b in zip(self.counts[n], g.last_counts)]
@@ -66,20 +69,28 @@ class GateCallback(Callback):
     def after_step(self):
         for g in self.gates.values(): g.clear_off_grads()   # the next batch opens a new step
 
-    def most_chosen(self) -> dict:
-        "{gate name: its `k` most chosen branches so far}."
-        return {n: tuple(sorted(sorted(range(g.n), key=lambda i: -self.counts[n][i])[:g.k])) for n, g in self.gates.items()}
 
-    def before_validate(self):
-        if self.valid is None: return
-        chosen = self.most_chosen() if self.valid_choices == 'most' else getattr(self, '_valid', {})
-        for n, g in self.gates.items(): g._override = (self.valid, chosen.get(n))
+# %% ../nbs/12_gate_callbacks.ipynb #a64cee54
+@patch
+def most_chosen(self:GateCallback) -> dict:
+    "{gate name: its `k` most chosen branches so far}."
+    return {n: tuple(sorted(sorted(range(g.n), key=lambda i: -self.counts[n][i])[:g.k])) for n, g in self.gates.items()}
 
-    def _release(self):
-        for g in getattr(self, 'gates', {}).values(): g.release()
-    def after_validate(self): self._release()
-    def after_cancel_fit(self): self._release()
-    def after_fit(self): self._release()
+@patch
+def before_validate(self:GateCallback):
+    if self.valid is None: return
+    chosen = self.most_chosen() if self.valid_choices == 'most' else getattr(self, '_valid', {})
+    for n, g in self.gates.items(): g.override_eval(self.valid, chosen.get(n))
+
+@patch
+def _release(self:GateCallback):
+    for g in getattr(self, 'gates', {}).values(): g.release()
+@patch
+def after_validate(self:GateCallback): self._release()
+@patch
+def after_cancel_fit(self:GateCallback): self._release()
+@patch
+def after_fit(self:GateCallback): self._release(); self._lr_find = False
 
 # %% ../nbs/12_gate_callbacks.ipynb #8be91f5a
 def show_gate_stats(src, # A `Learner` with a `GateCallback`, or the callback
