@@ -8,10 +8,11 @@ import copy, fnmatch, math
 from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn, Tensor
+from .validate import check_probability, check_nonneg, check_choice, check_generator
 
 # %% auto #0
-__all__ = ['dists', 'named_tensors', 'check_patterns', 'select_named', 'check_rate', 'check_scale', 'per_name', 'graph_refs',
-           'check_not_saved', 'bernoulli_positions', 'mutation_plan', 'mutate_', 'mutate', 'check_rules',
+__all__ = ['dists', 'named_tensors', 'check_patterns', 'select_named', 'check_per_name', 'check_rate', 'check_scale', 'per_name',
+           'graph_refs', 'check_not_saved', 'bernoulli_positions', 'mutation_plan', 'mutate_', 'mutate', 'check_rules',
            'update_weights_', 'shrink_perturb']
 
 # %% ../nbs/20_mutate.ipynb #1733d2a4
@@ -35,6 +36,7 @@ def named_tensors(model_or_params, # `nn.Module`, dict of name -> tensor, or ite
     if not out: raise ValueError(f"{arg} has no parameters to change; pass a model with parameters or a non-empty list")
     return out
 
+# %% ../nbs/20_mutate.ipynb #daee3edc
 def check_patterns(patterns, # None, a glob pattern or a list of them
                    arg:str # The argument's name, for messages
                   ) -> list|None:
@@ -45,6 +47,13 @@ def check_patterns(patterns, # None, a glob pattern or a list of them
         raise TypeError(f"{arg} must be a glob pattern or a list of them such as ['fc1.*', '*.bias'], got {patterns!r}")
     if not patterns or not all(patterns): raise ValueError(f"{arg} must hold non-empty glob patterns, got {patterns!r}")
     return list(patterns)
+
+def _check_pattern_key(pat, # A key of a mapping from glob patterns
+                      arg:str # The mapping's name, for messages
+                     ) -> str:
+    "Return `pat` if it is a non-empty glob pattern."
+    if not isinstance(pat, str): raise TypeError(f"{arg}: mapping keys must be glob patterns (str), got {pat!r}")
+    return check_patterns(pat, arg + ' pattern')[0]
 
 def _unmatched(patterns, names, arg):
     bad = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
@@ -63,38 +72,42 @@ def select_named(named:list, # [(name, tensor)]
     return [(n, t) for n, t in named if (include is None or hit(n, include)) and not (exclude and hit(n, exclude))]
 
 # %% ../nbs/20_mutate.ipynb #7124e536
-def check_rate(v, arg:str='p') -> float:
-    "Return `v` as a float if it is a probability in [0, 1], else raise naming `arg`."
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{arg} must be a number in [0, 1] or a mapping of glob patterns to such numbers, "
-                        f"got {type(v).__name__} {v!r}; pass e.g. {arg}=0.1")
-    if not 0 <= v <= 1: raise ValueError(f"{arg} must be in [0, 1], got {v!r}; pass e.g. {arg}=0.1 (0 changes nothing)")
-    return float(v)
+def check_per_name(v, # A number, or a mapping of glob patterns to numbers
+                   arg:str, # The argument's name, for messages
+                   check:Callable, # Checks one number: `check(number, arg, **kwargs)`
+                   **kwargs # Passed on to `check`
+                  ) -> float|dict:
+    "Return `v` with every number checked by `check`: a number, or a mapping of glob patterns to numbers."
+    if not isinstance(v, Mapping):
+        try: return check(v, arg, **kwargs)
+        except TypeError as e: raise TypeError(f"{e}, or a mapping of glob patterns to such numbers") from None
+    if not v: raise ValueError(f"{arg} is an empty mapping; give at least one pattern such as {{'*': 0.1}}")
+    return {_check_pattern_key(pat, arg): check(x, f"{arg}[{pat!r}]", **kwargs) for pat, x in v.items()}
 
-def check_scale(v, arg:str='strength') -> float:
-    "Return `v` as a float if it is finite and >= 0, else raise naming `arg`."
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{arg} must be a number >= 0 or a mapping of glob patterns to such numbers, "
-                        f"got {type(v).__name__} {v!r}; pass e.g. {arg}=0.01")
-    if not (v >= 0 and math.isfinite(v)): raise ValueError(f"{arg} must be finite and >= 0, got {v!r}; pass e.g. {arg}=0.01")
-    return float(v)
+def check_rate(v, # A mutation rate: a number or a mapping of glob patterns to numbers
+               arg:str='p' # The argument's name, for messages
+              ) -> float|dict:
+    "Return `v` if it is a probability in [0, 1] (1 changes every element), or a mapping of patterns to such."
+    return check_per_name(v, arg, check_probability, upto_one=True, example=0.1)
 
+def check_scale(v, # A noise scale: a number or a mapping of glob patterns to numbers
+                arg:str='strength' # The argument's name, for messages
+               ) -> float|dict:
+    "Return `v` if it is a finite number >= 0, or a mapping of glob patterns to such."
+    return check_per_name(v, arg, check_nonneg, example=0.01)
+
+# %% ../nbs/20_mutate.ipynb #3f79ce09
 def per_name(value, # A number, or a mapping of glob patterns to numbers
              names:list, # Parameter names
-             check:Callable=check_rate, # Validates one number
+             check:Callable=check_rate, # Checks `value`: `check(value, arg)`, e.g. `check_rate` or `check_scale`
              arg:str='p', # The argument's name, for messages
              default=None # Value of a name no pattern matches
             ) -> list: # One value per name
     "Resolve a number or a pattern -> number mapping to one value per name (first matching pattern wins)."
-    if not isinstance(value, Mapping): return [check(value, arg)] * len(names)
-    if not value: raise ValueError(f"{arg} is an empty mapping; give at least one pattern such as {{'*': 0.1}}")
-    vals = {}
-    for pat, v in value.items():
-        if not isinstance(pat, str): raise TypeError(f"{arg}: mapping keys must be glob patterns (str), got {pat!r}")
-        check_patterns(pat, arg + ' pattern')
-        vals[pat] = check(v, f"{arg}[{pat!r}]")
-    _unmatched(list(vals), names, arg)
-    return [next((v for pat, v in vals.items() if fnmatch.fnmatchcase(n, pat)), default) for n in names]
+    value = check(value, arg)
+    if not isinstance(value, Mapping): return [value] * len(names)
+    _unmatched(list(value), names, arg)
+    return [next((v for pat, v in value.items() if fnmatch.fnmatchcase(n, pat)), default) for n in names]
 
 # %% ../nbs/20_mutate.ipynb #0c4f4464
 def graph_refs(t:Tensor # A parameter or other tensor
@@ -126,6 +139,7 @@ def bernoulli_positions(n:int, # Number of trials
                         device=None # Device of the result
                        ) -> Tensor: # Sorted int64 positions of the successes
     "Positions of the successes among `n` independent Bernoulli(`p`) trials, from Geometric gaps: cost ~ p*n."
+    assert 0 < p < 1, p   # p = 0 and p = 1 need no positions; callers handle them
     scale, chunks, start = 1 / math.log1p(-p), [], 0
     while start < n:
         m = n - start
@@ -149,6 +163,7 @@ def _noise(n, strength, dist, dtype, device, generator):
     return e.normal_(0, strength, generator=generator) if dist == 'normal' else e.uniform_(-strength, strength, generator=generator)
 
 def _mutate_one(w:Tensor, p:float, strength:float, dist:str, generator):
+    assert 0 < p <= 1 and strength > 0 and w.is_floating_point(), (p, strength, w.dtype)
     flat = w.view(-1) if w.is_contiguous() else w.contiguous().view(-1)
     if p == 1: flat.add_(_noise(flat.numel(), strength, dist, w.dtype, w.device, generator))
     else:
@@ -157,10 +172,8 @@ def _mutate_one(w:Tensor, p:float, strength:float, dist:str, generator):
     if not w.is_contiguous(): w.copy_(flat.view_as(w))
 
 def _check_generator(generator, named):
-    if generator is None: return
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}; "
-                        f"pass e.g. generator=torch.Generator().manual_seed(0)")
+    "Raise unless `generator` is `None` or a `torch.Generator` on the device of every tensor of `named`."
+    if check_generator(generator) is None: return
     gd = torch.device(generator.device)
     for n, t in named:
         if t.device.type != gd.type or (gd.index is not None and t.device.index not in (None, gd.index)):
@@ -169,12 +182,20 @@ def _check_generator(generator, named):
                              f"or mutate the parameters of each device in their own call")
 
 # %% ../nbs/20_mutate.ipynb #586894fd
-def mutation_plan(model_or_params, p, strength, *, include=None, exclude=None, dist='normal', generator=None) -> list:
-    "Check the arguments of `mutate_` and return what it will change: [(name, tensor, p, strength)]."
+def mutation_plan(model_or_params, # `nn.Module`, dict of named tensors, or iterable of tensors
+                  p, # Probability that an element changes: a number in [0, 1] or a mapping glob pattern -> number
+                  strength, # Scale of the noise: a number >= 0 or a mapping glob pattern -> number
+                  *,
+                  include=None, # Glob pattern(s) of parameter names to mutate; `None`: all
+                  exclude=None, # Glob pattern(s) of parameter names to leave alone
+                  dist:str='normal', # 'normal' or 'uniform'
+                  generator:torch.Generator|None=None, # Source of randomness, on the parameters' device
+                 ) -> list: # [(name, tensor, p, strength)] of the tensors that will change
+    "Check the arguments of `mutate_` and return what it will change."
     named = select_named(named_tensors(model_or_params), include, exclude)
-    if not isinstance(dist, str) or dist not in dists: raise ValueError(f"dist must be one of {dists}, got {dist!r}")
+    check_choice(dist, 'dist', dists)
     names = [n for n, _ in named]
-    ps = [0. if v is None else v for v in per_name(p, names, check_rate, 'p')]
+    ps = per_name(p, names, check_rate, 'p', default=0.)
     ss = per_name(strength, names, check_scale, 'strength')
     todo = [(n, t, pi, si) for (n, t), pi, si in zip(named, ps, ss) if pi > 0]
     for n, t, pi, si in todo:
@@ -211,25 +232,25 @@ def mutate(model:nn.Module, # Parent model, left unchanged
            **kwargs # Passed on to `mutate_`: generator, include, exclude, dist
           ) -> nn.Module: # A mutated deep copy
     "A mutated deep copy of `model`, for making offspring."
-    if not isinstance(model, nn.Module): raise TypeError(f"mutate copies a model: pass an nn.Module, got {type(model).__name__}; "
-                                                         f"use mutate_ to change tensors in place")
-    child = copy.deepcopy(model)
-    return mutate_(child, p, strength, check_graph=False, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"mutate copies a model: pass an nn.Module, got {type(model).__name__}; use mutate_ to change tensors in place")
+    return mutate_(copy.deepcopy(model), p, strength, check_graph=False, **kwargs)
 
 # %% ../nbs/20_mutate.ipynb #c669a6ae
 def check_rules(rules, # Glob pattern -> function w -> new w
                 names:list|None=None # Parameter names each pattern must match; `None`: don't check yet
-               ):
-    "Raise unless `rules` maps glob patterns, each matching one of `names`, to functions."
+               ) -> Mapping:
+    "Return `rules` if it maps glob patterns, each matching one of `names`, to functions."
     if not isinstance(rules, Mapping) or not rules:
         raise TypeError(f"rules must be a non-empty dict of glob pattern -> function, such as "
                         f"{{'fc1.*': lambda w: w * 0.9}}, got {rules!r}")
     for pat, fn in rules.items():
-        if not isinstance(pat, str): raise TypeError(f"rules: keys must be glob patterns (str), got {pat!r}")
-        check_patterns(pat, 'rules pattern')
+        _check_pattern_key(pat, 'rules')
         if not callable(fn): raise TypeError(f"rules[{pat!r}] must be a function w -> new w, got {fn!r}")
     if names is not None: _unmatched(list(rules), names, 'rules')
+    return rules
 
+# %% ../nbs/20_mutate.ipynb #094c5467
 def update_weights_(model, # `nn.Module`, dict of named tensors, or iterable of (name, tensor) pairs
                     rules:Mapping, # Glob pattern of parameter names -> function w -> new w (tensor of w's shape)
                     *,
@@ -261,6 +282,6 @@ def shrink_perturb(shrink:float=0.4, # λ: factor the weights are multiplied by
                    generator:torch.Generator|None=None, # Source of the noise; `None`: global RNG
                   ) -> Callable: # Rule w -> λ*w + σ*eps for `update_weights_`
     "The shrink-and-perturb rule of Ash & Adams (2020): `w -> shrink*w + noise*eps`, eps ~ N(0, 1)."
-    shrink, noise = check_scale(shrink, 'shrink'), check_scale(noise, 'noise')
+    shrink, noise = check_nonneg(shrink, 'shrink', example=0.4), check_nonneg(noise, 'noise', example=1e-3)
     def rule(w): return torch.randn(w.shape, dtype=w.dtype, device=w.device, generator=generator).mul_(noise).add_(w, alpha=shrink)
     return rule

@@ -4,19 +4,41 @@
 
 # %% ../nbs/21_mutate_callbacks.ipynb #c875ec14
 from __future__ import annotations
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler
-from .mutate import mutate_, mutation_plan, update_weights_, check_rules, named_tensors
+from .validate import Checked, check_choice, check_count
+from .mutate import mutate_, mutation_plan, update_weights_, named_tensors, dists
+from .mutate import check_rules, check_rate, check_scale, check_patterns
 
 # %% auto #0
 __all__ = ['batch_events', 'epoch_events', 'EveryCallback', 'WeightUpdateCallback', 'MutateCallback']
 
-# %% ../nbs/21_mutate_callbacks.ipynb #d2bff2ad
+# %% ../nbs/21_mutate_callbacks.ipynb #7d41852b
 batch_events = ('after_step', 'after_batch', 'before_batch')
 epoch_events = ('after_epoch', 'before_epoch', 'after_train')
 
+def _check_every(v, arg:str='every'):
+    "Return `v` if it is 'batch', 'epoch' or an int N >= 1 (every N training batches)."
+    return check_choice(v, arg, ('batch', 'epoch')) if isinstance(v, str) else check_count(v, arg)
+
+def _check_event(v, every, arg:str='event') -> str:
+    "Return `v`, or the default event for `every` if `v` is `None`, if it is a safe point for `every`."
+    allowed = epoch_events if every == 'epoch' else batch_events
+    if v is None: return allowed[0]
+    try: return check_choice(v, arg, allowed)
+    except ValueError as e: raise ValueError(f"{e}: {v!r} is not a safe point for every={every!r}, since weights must "
+                                             f"not change between the forward and the backward (after_pred .. before_step)") from None
+
+def _check_epochs(v, arg:str='epochs'):
+    "Return `v` as a frozenset of epoch indices, or unchanged if it is a predicate or `None`."
+    if v is None or callable(v): return v
+    if isinstance(v, str) or not isinstance(v, Iterable) or not all(isinstance(e, int) and not isinstance(e, bool) for e in v):
+        raise TypeError(f"{arg} must be a collection of epoch indices or a predicate epoch -> bool, got {v!r}; pass e.g. {arg}=[0, 2]")
+    return frozenset(v)
+
+# %% ../nbs/21_mutate_callbacks.ipynb #d2bff2ad
 class EveryCallback(Callback):
     "Call `self.apply()` at a safe event of training: every batch, every epoch or every `N` training batches."
     def __init__(self,
@@ -24,19 +46,10 @@ class EveryCallback(Callback):
         event:str|None=None, # Event to act at; `None`: 'after_epoch' for every='epoch', else 'after_step'
         epochs=None, # Only in these epochs: a collection of epoch indices or a predicate epoch -> bool; `None`: all
     ):
-        if not (every in ('batch', 'epoch') or (isinstance(every, int) and not isinstance(every, bool) and every >= 1)):
-            raise ValueError(f"every must be 'batch', 'epoch' or an int >= 1 (every N training batches), got {every!r}")
-        allowed = epoch_events if every == 'epoch' else batch_events
-        event = event if event is not None else allowed[0]
-        if event not in allowed:
-            raise ValueError(f"event {event!r} is not a safe point for every={every!r}: use one of {allowed}. Weights must "
-                             f"not change between the forward and the backward (after_pred .. before_step)")
-        if epochs is not None and not callable(epochs):
-            if not isinstance(epochs, Iterable) or not all(isinstance(e, int) for e in epochs):
-                raise TypeError(f"epochs must be a collection of epoch indices or a predicate epoch -> bool, got {epochs!r}")
-            epochs = frozenset(epochs)
-        self.every, self.event, self.epochs = every, event, epochs
+        self.every = _check_every(every)
+        self.event, self.epochs = _check_event(event, self.every), _check_epochs(epochs)
 
+    def apply(self): raise NotImplementedError
     def before_fit(self): self.n_batches, self.applied = 0, []
     def _in_epoch(self):
         return self.epochs is None or (self.epochs(self.epoch) if callable(self.epochs) else self.epoch in self.epochs)
@@ -48,10 +61,13 @@ class EveryCallback(Callback):
             if self.every != 'batch' and self.n_batches % self.every: return
         self.apply()
         self.applied.append((self.epoch, self.train_iter))
-    def apply(self): raise NotImplementedError
 
-for _e in batch_events + epoch_events:
-    setattr(EveryCallback, _e, (lambda e: lambda self: self._on(e))(_e))
+    def before_batch(self): self._on('before_batch')
+    def after_step(self): self._on('after_step')
+    def after_batch(self): self._on('after_batch')
+    def before_epoch(self): self._on('before_epoch')
+    def after_train(self): self._on('after_train')
+    def after_epoch(self): self._on('after_epoch')
 
 # %% ../nbs/21_mutate_callbacks.ipynb #4c6f39a3
 class WeightUpdateCallback(EveryCallback):
@@ -62,9 +78,8 @@ class WeightUpdateCallback(EveryCallback):
         event:str|None=None, # Safe event to act at; `None`: 'after_epoch' for every='epoch', else 'after_step'
         epochs=None, # Only in these epochs (collection of indices or predicate); `None`: all
     ):
-        check_rules(rules)
         super().__init__(every, event, epochs)
-        self.rules = rules
+        self.rules = check_rules(rules)
 
     def before_fit(self):
         check_rules(self.rules, [n for n, _ in named_tensors(self.learn.model, 'model')])  # fail before training
@@ -72,10 +87,35 @@ class WeightUpdateCallback(EveryCallback):
 
     def apply(self): update_weights_(self.learn.model, self.rules)
 
+# %% ../nbs/21_mutate_callbacks.ipynb #325d60f7
+def _is_schedule(v): return callable(v) and not isinstance(v, Mapping)
+
+def _schedule_or(v, # A schedule (a function of the fraction of training done), or a value for `check`
+                 arg:str, # The argument's name, for messages
+                 check # Checks a value that is not a schedule
+                ):
+    "Return `v` if it is a schedule, else `check(v, arg)`: a schedule's values are checked when training starts."
+    return v if _is_schedule(v) else check(v, arg)
+
+def _check_seed(v, arg:str='seed') -> int|None: return None if v is None else check_count(v, arg, minimum=0)
+
+# %% ../nbs/21_mutate_callbacks.ipynb #89c2f0cd
+# record_hps: the same merge as DropScheduler's (weightdrop.callbacks); one copy of it belongs there
+def record_hps(learn, # The `Learner` whose recorder gets the series
+               hps:dict # Name -> one value per training batch of this fit, not empty
+              ):
+    "Merge `hps` into `learn.recorder.hps`, keeping the series `ParamScheduler` recorded in the same fit."
+    if not hasattr(learn, 'recorder'): return
+    prev = getattr(learn.recorder, 'hps', None) or {}
+    same_fit = all(len(v) == len(next(iter(hps.values()))) for v in prev.values())
+    learn.recorder.hps = {**(prev if same_fit else {}), **hps}
+
 # %% ../nbs/21_mutate_callbacks.ipynb #d1a4b4eb
 class MutateCallback(EveryCallback):
     "Apply `mutate_(model, p, strength)` at a safe point of training, with `p` and `strength` optionally scheduled."
     order = ParamScheduler.order + 1   # its after_fit merges into the record ParamScheduler writes
+    p, strength = Checked(_schedule_or, check_rate), Checked(_schedule_or, check_scale)
+    dist, seed = Checked(check_choice, dists), Checked(_check_seed)
     def __init__(self,
         p, # Probability an element changes: number, mapping glob pattern -> number, or schedule pct -> either
         strength, # Scale of the noise: number, mapping glob pattern -> number, or schedule pct -> either
@@ -87,19 +127,17 @@ class MutateCallback(EveryCallback):
         dist:str='normal', # 'normal' or 'uniform' noise
         seed:int|None=None, # Seed for a generator of the callback's own, for repeatable runs; `None`: global RNG
     ):
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
         super().__init__(every, event, epochs)
-        self.p, self.strength, self.include, self.exclude, self.dist, self.seed = p, strength, include, exclude, dist, seed
+        self.p, self.strength, self.dist, self.seed = p, strength, dist, seed
+        self.include, self.exclude = check_patterns(include, 'include'), check_patterns(exclude, 'exclude')
 
-    @staticmethod
-    def _at(v, pct): return v(pct) if callable(v) and not isinstance(v, Mapping) else v
-    def values(self, pct:float): return self._at(self.p, pct), self._at(self.strength, pct)
+    def values(self, pct:float):
+        "`p` and `strength` at the fraction `pct` of training."
+        return tuple(v(pct) if _is_schedule(v) else v for v in (self.p, self.strength))
 
     def before_fit(self):
-        for pct in (0., 1.):  # check the schedules' ends before training, not in its middle
-            p, s = self.values(pct)
-            try: mutation_plan(self.learn.model, p, s, include=self.include, exclude=self.exclude, dist=self.dist)
+        for pct in (0., 1.):  # a schedule's ends, and every pattern against the model's names, before training
+            try: mutation_plan(self.learn.model, *self.values(pct), include=self.include, exclude=self.exclude)
             except (TypeError, ValueError) as e: raise type(e)(f"MutateCallback at pct={pct}: {e}") from e
         dev = next(self.learn.model.parameters()).device
         self.generator = None if self.seed is None else torch.Generator(device=dev).manual_seed(self.seed)
@@ -110,16 +148,12 @@ class MutateCallback(EveryCallback):
         p, s = self.values(self.pct_train)
         mutate_(self.learn.model, p, s, generator=self.generator, include=self.include, exclude=self.exclude, dist=self.dist)
 
-    def before_batch(self):  # record the values this training batch uses
+    def before_batch(self):  # record the values this training batch uses; mappings have no single value to plot
         if self.training:
-            p, s = self.values(self.pct_train)
-            for k, v in (('mutate_p', p), ('mutate_strength', s)):
+            for k, v in zip(self.hps, self.values(self.pct_train)):
                 if isinstance(v, (int, float)): self.hps[k].append(v)
-        self._on('before_batch')
+        super().before_batch()
 
     def after_fit(self):
-        if not hasattr(self.learn, 'recorder'): return
         hps = {k: v for k, v in self.hps.items() if v}
-        prev = getattr(self.recorder, 'hps', None) or {}
-        same_fit = all(len(v) == len(next(iter(hps.values()), v)) for v in prev.values())
-        self.recorder.hps = {**(prev if same_fit else {}), **hps}
+        if hps: record_hps(self.learn, hps)
