@@ -14,7 +14,7 @@ from .mutate import named_tensors, select_named, check_not_saved
 
 # %% auto #0
 __all__ = ['shapings', 'OK', 'RAISED', 'NONFINITE', 'SKIPPED', 'param_noise', 'Backup', 'perturb_', 'perturbed', 'member_noise',
-           'shape_fitness', 'Population', 'EvolutionStrategy']
+           'shape_fitness', 'check_population', 'Population', 'EvolutionStrategy']
 
 # %% ../nbs/23_evolution.ipynb #2409f161
 def param_noise(t:Tensor, # The parameter (its shape and device)
@@ -133,7 +133,10 @@ def _world(group) -> tuple:
     if group is None: return None, 0, 1
     return group, dist.get_rank(group), dist.get_world_size(group)
 
-def _check_antithetic(popsize:int, antithetic:bool):
+def check_population(popsize, sigma, seed, antithetic, shaping):
+    "Raise unless `popsize` is an int >= 2 (even with antithetic pairs), `sigma` > 0, `seed` an int >= 0, `shaping` known."
+    check_count(popsize, 'popsize', minimum=2); check_positive(sigma, 'sigma', example=0.02)
+    check_count(seed, 'seed', minimum=0); check_flag(antithetic, 'antithetic'); check_choice(shaping, 'shaping', shapings)
     if antithetic and popsize % 2:
         raise ValueError(f"popsize must be even with antithetic=True (members come in mirrored pairs), got {popsize}; "
                          f"pass popsize={popsize + 1} or antithetic=False")
@@ -155,8 +158,7 @@ class Population:
                  exclude=None, # Glob pattern(s) of parameter names to leave alone
                  group=None, # Process group; `None`: the default one if initialised, else this process alone
                 ):
-        check_count(popsize, 'popsize', minimum=2); check_count(seed, 'seed', minimum=0)
-        _check_antithetic(popsize, check_flag(antithetic, 'antithetic'))
+        check_population(popsize, sigma, seed, antithetic, shaping)
         self.sigma, self.shaping, self.generation = sigma, shaping, 0
         self.model, self.named = model, _perturbable(model, include, exclude)
         self.popsize, self.seed, self.antithetic = popsize, seed, antithetic
