@@ -35,6 +35,7 @@ class Backup:
         self.named = named
         with torch.no_grad(): self.saved = [t.detach().clone() for _, t in named]
         self._versions = [t._version for _, t in named]
+        self.scratch = torch.empty(max(t.numel() for _, t in named))   # the noise of one parameter at a time, on the CPU
 
     def restore_(self):
         "Copy the saved values back into the parameters."
@@ -84,7 +85,8 @@ def perturb_(model, # `nn.Module`, dict of named tensors or list of (name, tenso
     scale = -sigma if mirror else sigma
     try:
         with torch.no_grad():
-            for n, t in named: _add_noise_(t, param_noise(t, seed, n), scale)
+            for n, t in named:
+                _add_noise_(t, param_noise(t, seed, n, out=backup.scratch[:t.numel()].view(t.shape)), scale)
     except BaseException: backup.restore_(); raise
     return backup
 
