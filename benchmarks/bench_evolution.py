@@ -216,6 +216,7 @@ def main():
     per_member_table(a.reps, a.popsize)
     noise_table(a.reps)
     scaling_table(a.popsize, a.generations)
-    memory_table(a.popsize)
+    # memory_table(a.popsize): ru_maxrss is taken after the model is built, but the process's earlier peak (imports,
+    # model construction) hides the generation's own; needs a baseline that has already peaked
 
 if __name__ == '__main__': main()
