@@ -2,6 +2,7 @@
 import pytest, torch
 from torch import nn
 from fastai.basics import Learner, DataLoaders, MSELossFlat, set_seed
+import fastai.callback.all  # noqa: F401  (Learner.no_bar, fit_one_cycle)
 from weightdrop.evolution_callbacks import EvolutionCallback
 
 def synth_dls(n=256, bs=64, seed=0):
