@@ -1,0 +1,282 @@
+"""Evolution strategies: seed-defined perturbations restored bit for bit, OpenAI-ES steps, and populations split over
+2 gloo processes (started with torchrun) that exchange only fitness values."""
+import copy, functools, math, os, socket, subprocess, sys
+from pathlib import Path
+import pytest, torch
+from torch import nn
+from weightdrop.evolution import *
+from weightdrop.validate import mix_seed
+
+TESTS = Path(__file__).resolve().parent
+REPO, SCRIPTS = TESTS.parent, TESTS / 'es_scripts'
+sys.path.insert(0, str(SCRIPTS))
+import es_common  # noqa: E402
+
+def params(m): return [p.detach().clone() for p in m.parameters()]
+def same(a, b): return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
+
+# ---- behaviour
+
+def test_noise_depends_only_on_seed_and_name():
+    "Same noise for a name whatever the parameter order, dtype or container; the stream is N(0, 1) float32 on the CPU."
+    a, b = torch.zeros(50, 40), torch.zeros(50, 40)
+    p1 = {'enc.weight': a.clone(), 'dec.weight': b.clone()}
+    p2 = {'dec.weight': b.clone().double(), 'enc.weight': a.clone()}
+    perturb_(p1, 5, 1.0); perturb_(p2, 5, 1.0)
+    assert torch.equal(p1['enc.weight'], p2['enc.weight'])
+    assert torch.equal(p1['dec.weight'], p2['dec.weight'].float())
+    ref = torch.randn(50, 40, generator=torch.Generator().manual_seed(mix_seed(5, 'enc.weight')))
+    assert torch.equal(p1['enc.weight'], ref)
+    e = param_noise(torch.empty(200_000), 1, 'w'); n = e.numel()
+    assert abs(e.mean()) < 6 / math.sqrt(n) and abs(e.var() - 1) < 6 * math.sqrt(2 / n)
+
+@pytest.mark.gpu
+def test_noise_is_the_same_on_cuda():
+    "The stream is drawn on the CPU, so a CUDA parameter gets the CPU parameter's noise exactly."
+    w = torch.zeros(64, 64)
+    assert torch.equal(param_noise(w.cuda(), 3, 'w').cpu(), param_noise(w, 3, 'w'))
+
+def test_perturbed_restores_bit_for_bit_every_dtype_and_on_error():
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        net = mlp().to(dtype); before = params(net)
+        with perturbed(net, 1, 0.3):
+            assert not any(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+        assert same(params(net), before), dtype
+        with pytest.raises(KeyboardInterrupt):
+            with perturbed(net, 2, 0.3): raise KeyboardInterrupt
+        assert same(params(net), before), dtype
+
+def test_many_members_from_one_backup_leave_the_weights_exact():
+    "A population's worth of members perturbed and restored from one Backup: the weights end exactly as they began."
+    net = mlp(); before = params(net)
+    bk = None
+    for s in range(50):
+        bk = perturb_(net, s, 0.1, mirror=bool(s % 2), backup=bk); bk.restore_()
+    assert same(params(net), before)
+    assert bk.nbytes == sum(p.nbytes for p in net.parameters())   # one copy, whatever the number of members
+
+def test_tied_weights_perturbed_once():
+    m = nn.Sequential(nn.Embedding(12, 6), nn.Linear(6, 12, bias=False)); m[1].weight = m[0].weight
+    w = m[0].weight.detach().clone()
+    with perturbed(m, 4, 0.5):
+        assert torch.allclose(m[1].weight - w, 0.5 * param_noise(w, 4, '0.weight'), atol=1e-6)
+
+def test_include_exclude_choose_what_moves():
+    net = mlp(); before = dict((n, p.detach().clone()) for n, p in net.named_parameters())
+    with perturbed(net, 0, 0.1, include='*.weight', exclude='4.*'):
+        moved = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {'0.weight', '2.weight'}
+
+def test_es_step_matches_the_openai_es_formula():
+    "One SGD(lr) step moves θ by lr/(nσ) Σ w_i ε_i with centered ranks, ε drawn here independently of the strategy."
+    net, ref = mlp(), mlp()
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
+    def fit(m): return -m(x).pow(2).mean().item()
+    n, sigma, lr, seed = 8, 0.1, 0.5, 3
+    es = EvolutionStrategy(net, n, sigma, lr, seed=seed, optimizer=torch.optim.SGD)
+    es.step(fit)
+    noise = []
+    for i in range(n):   # expected: members 2k, 2k+1 are θ ± σ ε_k, ε_k from mix_seed(mix_seed(seed, 0, k), name)
+        s = mix_seed(seed, 0, i // 2)
+        noise.append({k: torch.randn(p.shape, generator=torch.Generator().manual_seed(mix_seed(s, k))) * (-1) ** i
+                      for k, p in ref.named_parameters()})
+    fits = []
+    for e in noise:
+        m = copy.deepcopy(ref)
+        with torch.no_grad():
+            for k, p in m.named_parameters(): p += sigma * e[k]
+        fits.append(fit(m))
+    order = sorted(range(n), key=lambda i: fits[i])
+    w = [0.] * n
+    for r, i in enumerate(order): w[i] = r / (n - 1) - 0.5
+    for k, p in ref.named_parameters():
+        step = sum(w[i] * noise[i][k] for i in range(n)) / (n * sigma)
+        assert torch.allclose(dict(net.named_parameters())[k], p + lr * step, atol=1e-6), k
+
+def test_es_improves_and_reports_stats():
+    torch.manual_seed(0)
+    x = torch.randn(128, 3); y = x @ torch.tensor([[2.], [-1.], [0.5]])
+    m = nn.Linear(3, 1)
+    es = EvolutionStrategy(m, 16, 0.05, 0.05, shaping='zscore')
+    hist = [es.step(lambda m: -(m(x) - y).pow(2).mean().item()) for _ in range(100)]
+    assert hist[-1]['mean'] > 0.05 * hist[0]['mean']
+    assert all(h['min'] <= h['mean'] <= h['max'] and h['time'] > 0 for h in hist)
+    assert [h['generation'] for h in hist] == list(range(100)) and es.generation == 100
+
+def test_checkpoint_resume_is_exact():
+    "Train 3 generations, save model + strategy, resume in fresh objects for 3 more: bit-identical to 6 straight."
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+    fit = lambda m: -m(x).pow(2).mean().item()
+    a = mlp(); es = EvolutionStrategy(a, 6, 0.05, 0.01, seed=9)
+    for _ in range(6): es.step(fit)
+    b = mlp(); es = EvolutionStrategy(b, 6, 0.05, 0.01, seed=9)
+    for _ in range(3): es.step(fit)
+    ck = copy.deepcopy(dict(model=b.state_dict(), es=es.state_dict()))
+    c = mlp(seed=1); c.load_state_dict(ck['model'])
+    es = EvolutionStrategy(c, 6, 0.05, 0.01, seed=0); es.load_state_dict(ck['es'])
+    for _ in range(3): es.step(fit)
+    assert same(params(c), params(a)) and es.generation == 6
+
+def test_failed_member_leaves_weights_and_generation():
+    net = mlp(); before = params(net)
+    es = EvolutionStrategy(net, 4, 0.1, 0.1)
+    n = [0]
+    def fit(m):
+        n[0] += 1
+        if n[0] == 3: raise ValueError('simulator crashed')
+        return 0.
+    with pytest.raises(RuntimeError, match=r"fitness_fn raised for member 2 of generation 0 on rank 0: ValueError\('simulator crashed'\)"):
+        es.step(fit)
+    assert same(params(net), before) and es.generation == 0
+    es.step(lambda m: 0.)
+    assert es.generation == 1
+
+# ---- bad input
+
+@pytest.mark.parametrize('kwargs, msg', [
+    (dict(popsize=5), 'popsize must be even with antithetic=True'),
+    (dict(popsize=1, antithetic=False), 'popsize must be >= 2'),
+    (dict(popsize=True), 'popsize must be an int >= 2'),
+    (dict(sigma=0.), 'sigma must be finite and > 0'),
+    (dict(sigma=float('nan')), 'sigma must be finite and > 0'),
+    (dict(lr=-1.), 'lr must be finite and > 0'),
+    (dict(seed=-3), 'seed must be >= 0'),
+    (dict(shaping='rank'), "shaping must be one of ('centered_ranks', 'zscore', 'none')"),
+    (dict(antithetic='yes'), 'antithetic must be True or False'),
+    (dict(include='fc.*'), "include: pattern(s) ['fc.*'] match no parameter"),
+    (dict(optimizer=torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=1.)), 'optimizer must be a function (params, lr=lr)'),
+    (dict(optimizer=lambda ps, lr: None), 'must return a torch.optim.Optimizer'),
+])
+def test_bad_arguments_name_the_fix_and_change_nothing(kwargs, msg):
+    net = mlp(); before = params(net)
+    args = dict(popsize=4, sigma=0.1, lr=0.1) | kwargs
+    with pytest.raises((ValueError, TypeError)) as e: EvolutionStrategy(net, **args)
+    assert msg in str(e.value)
+    assert same(params(net), before)
+
+def test_perturb_refuses_a_live_graph_and_changes_nothing():
+    net = mlp(); loss = net(torch.randn(3, 6)).sum(); before = params(net)
+    with pytest.raises(RuntimeError, match=r"perturb_: parameter\(s\) \['2.weight', '4.weight'\] are saved for backward"):
+        perturb_(net, 0, 0.1)
+    es = EvolutionStrategy(mlp(), 4, 0.1, 0.1)
+    loss2 = es.population.model(torch.randn(3, 6)).sum()
+    with pytest.raises(RuntimeError, match='evaluate: parameter'): es.step(lambda m: 0.)
+    assert same(params(net), before)
+    loss.backward(); loss2.backward()
+    es.step(lambda m: 0.)
+
+def test_nonfinite_fitness_and_stale_backup():
+    net = mlp()
+    with pytest.raises(RuntimeError, match='fitness_fn returned inf for member 0'):
+        EvolutionStrategy(net, 4, 0.1, 0.1).step(lambda m: float('inf'))
+    bk = perturb_(net, 0, 0.1); bk.restore_()
+    with torch.no_grad(): net[0].weight.mul_(2)
+    with pytest.raises(ValueError, match=r"backup is stale: \['0.weight'\]"): perturb_(net, 1, 0.1, backup=bk)
+    with pytest.raises(TypeError, match='needs floating-point parameters'): perturb_({'n': torch.zeros(3, dtype=torch.long)}, 0, 1.)
+
+# ---- pinned defects
+
+def test_same_shaped_parameters_get_different_noise():
+    "ES code for language models that reseeds one generator per parameter from the member's seed alone gives every "
+    "same-shaped tensor the same noise; here the name is part of each stream's seed, and the noises are uncorrelated."
+    m = nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(3)])
+    ws = [p.detach().clone() for p in m.parameters()]
+    with perturbed(m, 0, 1.0):
+        d = [(p - w).flatten() for p, w in zip(m.parameters(), ws)]
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert abs(torch.corrcoef(torch.stack([d[i], d[j]]))[0, 1]) < 6 / math.sqrt(d[i].numel())
+
+def test_bf16_noise_is_drawn_and_added_in_float32():
+    "Drawing the noise directly in bf16 rounds it to 8 mantissa bits and rounds again on adding; the perturbed bf16 "
+    "weight here is the float32 sum rounded once."
+    lin = nn.Linear(256, 256, bias=False).to(torch.bfloat16); w = lin.weight.detach().clone()
+    e = param_noise(w, 2, 'weight')
+    with perturbed(lin, 2, 0.01):
+        assert torch.equal(lin.weight, w.float().add(e, alpha=0.01).to(torch.bfloat16))
+        naive = w + 0.01 * e.to(torch.bfloat16)           # noise cast to bf16, added in bf16
+        assert not torch.equal(lin.weight, naive)
+
+def test_restoring_by_subtracting_the_noise_is_not_exact():
+    "ES code that undoes a perturbation by subtracting the noise drifts: (w + d) - d != w in floating point. The "
+    "restore here copies the original values back."
+    w = torch.randn(100_000, generator=torch.Generator().manual_seed(0)); e = param_noise(w, 0, 'w')
+    assert not torch.equal(w.add(e, alpha=0.1).add(e, alpha=-0.1), w)  # the defect
+    p = {'w': w.clone()}
+    with perturbed(p, 0, 0.1): pass
+    assert torch.equal(p['w'], w)
+
+# ---- distributed: 2 processes, gloo, CPU
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+def torchrun(out, *args, nproc=2):
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]),
+           'OMP_NUM_THREADS': '1'}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_port', str(free_port()),
+           str(SCRIPTS / 'es_run.py'), str(out), *args]
+    try: r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as e: pytest.fail(f"es_run.py {args} timed out (a hang?)\n{e.stdout}\n{e.stderr}")
+    if r.returncode != 0: pytest.fail(f"es_run.py {args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr[-6000:]}")
+    return [torch.load(out / f'rank{i}.pt', weights_only=False) for i in range(nproc)]
+
+@pytest.fixture(scope='module')
+def run2(tmp_path_factory):
+    out = tmp_path_factory.mktemp('es_run'); return torchrun(out)
+
+@pytest.fixture(scope='module')
+def run2_fail(tmp_path_factory):
+    out = tmp_path_factory.mktemp('es_fail'); return torchrun(out, '--fail-rank', '1')
+
+@pytest.mark.distributed
+def test_two_ranks_split_members_and_stay_bit_identical(run2):
+    r0, r1 = run2
+    assert r0['world'] == r1['world'] == 2
+    assert sorted(r0['members'] + r1['members']) == list(range(es_common.POPSIZE))   # each member scored once
+    assert r0['state'].keys() == r1['state'].keys()
+    assert all(torch.equal(r0['state'][k], r1['state'][k]) for k in r0['state'])
+    init = es_common.make_model(seed=0).state_dict()
+    assert any(not torch.equal(init[k], r0['state'][k]) for k in init)              # and they evolved
+
+@pytest.mark.distributed
+def test_two_ranks_end_where_one_process_ends(run2):
+    "Rank 1 built its model from another seed; the broadcast and the seeds make the 2-rank run the 1-process run."
+    model = es_common.make_model(seed=0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        es = EvolutionStrategy(model, es_common.POPSIZE, es_common.SIGMA, es_common.LR, seed=es_common.SEED)
+        stats = [es.step(es_common.neg_mse) for _ in range(es_common.GENERATIONS)]
+    finally: torch.set_num_threads(threads)
+    sd = es_common.state(model)
+    assert all(torch.equal(sd[k], run2[0]['state'][k]) for k in sd)
+    assert [s['mean'] for s in stats] == [s['mean'] for s in run2[0]['stats']]
+
+@pytest.mark.distributed
+def test_one_small_all_gather_per_generation(run2):
+    "Per generation, each rank sends one all-gather of 3 + 2 * (members per rank, padded) numbers: O(popsize), "
+    "the same for a model with 30 times the parameters. Only construction broadcasts the weights, once."
+    r0, r1 = run2
+    per_rank = 3 + 2 * 4          # 3 pairs over 2 ranks: 2 pairs (4 slots) per rank, padded
+    for r in (r0, r1):
+        assert len(r['per_generation']) == es_common.GENERATIONS
+        for calls in r['per_generation']:
+            assert len(calls) == 1 and calls[0][0] in ('all_gather_single', 'all_gather_into_tensor')
+            assert calls[0][1] == per_rank
+        assert r['calls_big'] == r['per_generation'][0] and r['n_params_big'] > 30 * r['n_params']
+        assert [c[0] for c in r['at_start']] == ['broadcast'] * 6 and sum(c[1] for c in r['at_start']) == r['n_params']
+
+@pytest.mark.distributed
+def test_a_rank_that_raises_makes_every_rank_raise(run2_fail, run2):
+    "Rank 1's fitness_fn raises at member 3: both ranks raise naming it, nobody hangs, the weights are restored, and "
+    "retrying the generation gives the run that never failed."
+    r0, r1 = run2_fail
+    assert len(r0['errors']) == len(r1['errors']) == 1
+    for r in (r0, r1): assert 'fitness_fn raised for member 3 of generation 1 on rank 1' in r['errors'][0]
+    assert "ValueError('episode diverged')" in r1['errors'][0] and "that rank's traceback" in r0['errors'][0]
+    assert all(torch.equal(r0['state'][k], run2[0]['state'][k]) for k in r0['state'])
