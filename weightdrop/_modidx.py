@@ -100,6 +100,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'weightdrop.core.quiet_rnn_chunk_warning': ('core.html#quiet_rnn_chunk_warning', 'weightdrop/core.py'),
                                  'weightdrop.core.select_weights': ('core.html#select_weights', 'weightdrop/core.py')},
             'weightdrop.demo': { 'weightdrop.demo.corpus_df': ('demo.html#corpus_df', 'weightdrop/demo.py'),
+                                 'weightdrop.demo.demo_parser': ('demo.html#demo_parser', 'weightdrop/demo.py'),
                                  'weightdrop.demo.lm_dls': ('demo.html#lm_dls', 'weightdrop/demo.py'),
                                  'weightdrop.demo.main': ('demo.html#main', 'weightdrop/demo.py'),
                                  'weightdrop.demo.parse_args': ('demo.html#parse_args', 'weightdrop/demo.py'),

@@ -8,12 +8,14 @@ import argparse, math, random, re, sys, time
 from pathlib import Path
 import pandas as pd
 import torch
-from fastai.text.all import (TextDataLoaders, language_model_learner, Perplexity, set_seed, SaveModelCallback)
+from fastai.text.all import (DataBlock, TextBlock, ColReader, RandomSplitter, language_model_learner, Perplexity,
+                             set_seed)
 from .awdlstm import AWD_LSTM
 from .callbacks import ResampleCallback
 
 # %% auto #0
-__all__ = ['demo_config', 'corpus_df', 'rewind', 'train_lm', 'lm_dls', 'results_table', 'plot_curves', 'parse_args', 'main']
+__all__ = ['demo_config', 'corpus_df', 'rewind', 'train_lm', 'lm_dls', 'results_table', 'plot_curves', 'demo_parser',
+           'parse_args', 'main']
 
 # %% ../nbs/31_demo.ipynb #16e3df35
 def corpus_df(text:str|Path|None=None, # A text file to train on; `None`: Python's own documentation topics
@@ -26,7 +28,7 @@ def corpus_df(text:str|Path|None=None, # A text file to train on; `None`: Python
         path = Path(text)
         if not path.is_file(): raise FileNotFoundError(f"--text: no such file {str(path)!r}; pass a plain-text file")
         docs = [d.strip() for d in re.split(r'\n\s*\n', path.read_text(errors='replace')) if d.strip()]
-        if len(docs) < 10: raise ValueError(f"--text: {path} holds {len(docs)} paragraphs; the demo needs at least 10 "
+        if len(docs) < 10: raise ValueError(f"{path} holds {len(docs)} paragraphs; the demo needs at least 10 "
                                             "(blank-line separated), so that some can be held out for validation")
     return pd.DataFrame({'text': docs})
 
@@ -66,13 +68,20 @@ def train_lm(dls, # Language-model `DataLoaders`
 
 # %% ../nbs/31_demo.ipynb #a3900a02
 def lm_dls(df:pd.DataFrame, # Documents in column `text`
-           bs:int=32, # Batch size
+           bs:int=32, # Batch size: the number of parallel token streams
            seq_len:int=70, # BPTT length
            seed:int=42, # Seeds the train/valid split
            valid_pct:float=0.5, # Share of the documents held out for validation
           ):
-    "Language-model `DataLoaders` from documents, `valid_pct` of them held out."
-    return TextDataLoaders.from_df(df, text_col='text', is_lm=True, valid_pct=valid_pct, seed=seed, bs=bs, seq_len=seq_len)
+    "Language-model `DataLoaders` from documents, `valid_pct` of them held out; `ValueError` if a half fills no batch."
+    block = DataBlock(blocks=TextBlock.from_df('text', is_lm=True, seq_len=seq_len), get_x=ColReader('text'),
+                      splitter=RandomSplitter(valid_pct, seed=seed))
+    dsets = block.datasets(df)
+    for name, ds in (('training', dsets.train), ('validation', dsets.valid)):
+        n = sum(len(x) for x, in ds)
+        if n < bs + 1: raise ValueError(f'the {name} half of the text holds {n} tokens; {bs} parallel streams need '
+                                        f'at least {bs + 1}: pass a longer text')
+    return dsets.dataloaders(bs=bs, after_item=block.item_tfms, after_batch=block.batch_tfms, **block.dls_kwargs)
 
 # %% ../nbs/31_demo.ipynb #c6d03840
 def results_table(results:dict, # Run label -> per-epoch (loss, perplexity), from `train_lm`
@@ -102,7 +111,7 @@ def plot_curves(results:dict, # Run label -> per-epoch (loss, perplexity)
     return fig
 
 # %% ../nbs/31_demo.ipynb #5e644eba
-def parse_args(argv=None):
+def demo_parser():
     "The demo's command line."
     p = argparse.ArgumentParser(prog='weightdrop-demo', description=
         'Train a small AWD-LSTM language model with and without weight dropout, and compare the validation perplexity.')
@@ -113,16 +122,27 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=42, help='seed of weights, data order and masks (default: 42)')
     p.add_argument('--text', default=None, help='a text file to train on instead of Python\'s documentation topics')
     p.add_argument('--lr', type=float, default=1e-2, help='peak learning rate of the one-cycle schedule (default: 1e-2)')
+    return p
+
+def parse_args(argv=None):
+    "Parse and check the demo's flags; a bad one exits with argparse's usage error."
+    p = demo_parser()
     args = p.parse_args(argv)
     if args.epochs < 1: p.error('--epochs must be at least 1')
     if not 0 < args.weight_p < 1: p.error('--weight-p must be in (0, 1): the dropped run needs some dropout')
+    if args.text is not None and not Path(args.text).is_file():
+        p.error(f'--text: no such file {args.text!r}; pass a plain-text file')
+    folder = Path(args.out).parent
+    if not folder.is_dir(): p.error(f'--out: no folder {str(folder)!r} to save the plot in; create it first')
     return args
 
+# %% ../nbs/31_demo.ipynb #d8e2b4f1
 def main(argv=None):
     "Entry point of `weightdrop-demo`."
     args = parse_args(argv)
     t0 = time.time()
-    dls = lm_dls(corpus_df(args.text), seed=args.seed)
+    try: dls = lm_dls(corpus_df(args.text), seed=args.seed)
+    except ValueError as e: demo_parser().error(f'--text: {e}' if args.text else str(e))
     print(f'{len(dls.train_ds)} training and {len(dls.valid_ds)} validation documents, vocab {len(dls.vocab)}')
     results = {}
     for p in (args.weight_p, 0.):
