@@ -76,7 +76,7 @@ def test_fastai_2148_ddp_gloo():
 
 def _run_rnn_regularizer(bs, sl, alpha=0., beta=0.):
     from types import SimpleNamespace
-    from weightdrop.callbacks import RNNRegularizer
+    from weightdrop.awdlstm import RNNRegularizer
     h = _x(bs, sl, 4)
     loss = torch.tensor(1.)
     learn = SimpleNamespace(training=True, rnn=SimpleNamespace(out=h, raw_out=h), loss=loss, loss_grad=loss.clone())

@@ -3,6 +3,29 @@ training. `import weightdrop` gives every public name (`weightdrop.WeightDropout
 imports a module only when one of its names is first used, so code that never touches a fastai `Learner` never
 imports fastai. `from weightdrop.all import *` imports everything at once, as `from fastai.text.all import *` does.
 
+```python
+from weightdrop.validate import *
+from weightdrop.core import *
+from weightdrop.dropout import *
+from weightdrop.noise import *
+from weightdrop.callbacks import *
+from weightdrop.synth import *
+from weightdrop.gates import *
+from weightdrop.subnet import *
+from weightdrop.gate_callbacks import *
+from weightdrop.mutate import *
+from weightdrop.mutate_callbacks import *
+from weightdrop.evolution import *
+from weightdrop.evolution_callbacks import *
+from weightdrop.awdlstm import *
+```
+
+```python
+from weightdrop import validate, core, dropout, noise, callbacks, synth, gates as _gates, subnet, gate_callbacks, mutate as _mutate, mutate_callbacks, evolution as _evolution, evolution_callbacks, awdlstm
+__all__ = list(dict.fromkeys(n for m in (validate, core, dropout, noise, callbacks, synth, _gates, subnet, gate_callbacks, _mutate, mutate_callbacks, _evolution, evolution_callbacks, awdlstm)
+                             for n in m.__all__))   # the same order as the star imports above
+```
+
 Modules:
 
 - `weightdrop.all`: Change a network's weights during training (weight dropout, weight noise, random gates, mutation) without breaking autograd, checkpoints, speed or distributed training."""
@@ -22,19 +45,24 @@ _modules = ('validate', 'core', 'dropout', 'noise', 'callbacks', 'synth', 'gates
 _api = {   # each module's `__all__`, less the names that are also module names
     'validate': ('check_flag', 'check_probability', 'check_nonneg', 'check_positive', 'check_count', 'check_choice',
                  'check_generator', 'Checked', 'mix_seed'),
-    'core': ('RNN_CHUNK_WARNING', 'default_layer_names', 'select_weights', 'quiet_rnn_chunk_warning', 'check_choice',
-             'Choice', 'WeightHijacker'),
-    'dropout': ('check_probability', 'WeightDropout', 'EmbeddingDropout'),
-    'noise': ('check_std', 'WeightNoise'),
-    'callbacks': ('hijackers', 'ResampleCallback', 'RNNRegularizer', 'DropScheduler'),
-    'gates': ('step_seed', 'keep_probs', 'RandomGate', 'stochastic_depth', 'clear_off_grads', 'fix_gates',
-              'ChosenBranches', 'export_subnet', 'recalibrate_bn'),
+    'core': ('RNN_CHUNK_WARNING', 'default_layer_names', 'is_hijacked', 'select_weights', 'quiet_rnn_chunk_warning',
+             'Schedulable', 'WeightHijacker'),
+    'dropout': ('WeightDropout', 'EmbeddingDropout'),
+    'noise': ('WeightNoise',),
+    'callbacks': ('hijackers', 'ResampleCallback', 'record_hps', 'DropScheduler'),
+    'synth': ('synth_dls',),
+    'gates': ('COMBINES', 'EVAL_MODES', 'keep_probs', 'check_branches', 'check_branch_probs', 'probe_output',
+              'combine_outputs', 'RandomGate', 'clear_off_grads', 'stochastic_depth'),
+    'subnet': ('resolve_choices', 'fix_gates', 'ChosenBranches', 'export_subnet', 'recalibrate_bn'),
     'gate_callbacks': ('GateCallback', 'show_gate_stats'),
-    'mutate': ('dists', 'named_tensors', 'check_patterns', 'select_named', 'check_rate', 'check_scale', 'per_name',
-               'graph_refs', 'check_not_saved', 'bernoulli_positions', 'mutation_plan', 'mutate_', 'check_rules',
-               'update_weights_', 'shrink_perturb'),
+    'mutate': ('dists', 'named_tensors', 'check_patterns', 'select_named', 'check_per_name', 'check_rate',
+               'check_scale', 'per_name', 'graph_refs', 'check_not_saved', 'bernoulli_positions', 'mutation_plan',
+               'mutate_', 'check_rules', 'update_weights_', 'shrink_perturb'),
     'mutate_callbacks': ('batch_events', 'epoch_events', 'EveryCallback', 'WeightUpdateCallback', 'MutateCallback'),
-    'awdlstm': ('AWD_LSTM', 'fastai_state_dict'),
+    'evolution': ('shapings', 'OK', 'RAISED', 'NONFINITE', 'SKIPPED', 'param_noise', 'Backup', 'perturb_', 'perturbed',
+                  'member_noise', 'shape_fitness', 'check_population', 'Population', 'EvolutionStrategy'),
+    'evolution_callbacks': ('EvolutionCallback',),
+    'awdlstm': ('AWD_LSTM', 'fastai_state_dict', 'RNNRegularizer'),
 }
 _home = {n: m for m in _modules for n in _api.get(m, ())}   # a later module wins, as in a star import
 __all__ = list(_home)

@@ -16,13 +16,17 @@ from .core import *
 from .dropout import *
 from .noise import *
 from .callbacks import *
+from .synth import *
 from .gates import *
+from .subnet import *
 from .gate_callbacks import *
 from .mutate import *
 from .mutate_callbacks import *
+from .evolution import *
+from .evolution_callbacks import *
 from .awdlstm import *
 
 # %% ../nbs/index.ipynb #1172441e
-from . import validate, core, dropout, noise, callbacks, gates as _gates, gate_callbacks, mutate as _mutate, mutate_callbacks, awdlstm
-__all__ = list(dict.fromkeys(n for m in (validate, core, dropout, noise, callbacks, _gates, gate_callbacks, _mutate, mutate_callbacks, awdlstm)
+from . import validate, core, dropout, noise, callbacks, synth, gates as _gates, subnet, gate_callbacks, mutate as _mutate, mutate_callbacks, evolution as _evolution, evolution_callbacks, awdlstm
+__all__ = list(dict.fromkeys(n for m in (validate, core, dropout, noise, callbacks, synth, _gates, subnet, gate_callbacks, _mutate, mutate_callbacks, _evolution, evolution_callbacks, awdlstm)
                              for n in m.__all__))   # the same order as the star imports above

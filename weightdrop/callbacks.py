@@ -192,12 +192,12 @@ def mc_preds(self:Learner,
     if dl is None: dl = self.dls[kwargs.pop('ds_idx', 1)]
     if getattr(dl, 'shuffle', False) or getattr(dl, 'drop_last', False): dl = dl.new(shuffle=False, drop_last=False)
     if _is_lm_loader(dl): kwargs.setdefault('reorder', False)
-    show = hasattr(self, 'progress')   # fastai's progress callback; `no_bar()` takes it away
     saved, preds = [(m.mc_dropout, m.generator) for m in mods], []
+    show = hasattr(self, 'progress')   # fastai's progress callback; `no_bar()` takes it away
     try:
         for m in mods: m.mc_dropout = True
         with self.no_bar():
-            for i in progress_bar(range(n), leave=False, display=show):
+            for i in (progress_bar(range(n), leave=False) if show else range(n)):
                 for j, m in enumerate(mods):
                     if seed is not None:
                         m.generator = torch.Generator(device=next(m.parameters()).device).manual_seed(mix_seed(seed, i, j))
