@@ -7,7 +7,7 @@ at least that; the `vs floor` column is how far above it the wrappers are.
 All four run in one process, interleaved rep by rep (so machine noise hits them alike), on 1 thread; we report medians
 and ratios to plain. The small size costs well under a millisecond, so its ratio moves by a few percent from one
 measurement to the next with the load on a shared machine: it is measured `--repeat` times (fresh models each time),
-and the table gives the median ratio with the lowest and highest. Targets (issue 2): <= 1.03x plain at (bs 64, seq 70, 400->1152), <= 1.20x at (bs 8, seq 20, 64->64).
+and the table gives the median ratio with the lowest and highest. Targets: <= 1.03x plain at (bs 64, seq 70, 400->1152), <= 1.20x at (bs 8, seq 20, 64->64).
 Missing a target is reported, never an error: this is a measurement, not a test.
 
     PYTHONPATH=. python benchmarks/bench_weightdrop.py [--reps-large 40] [--reps-small 600] [--p 0.5] [--only small|large] [--repeat 7]

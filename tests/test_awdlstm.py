@@ -1,5 +1,5 @@
-"""Every user-reported defect of the anchors (../shared/ANCHORS.md), pinned: one named regression test each, with
-the issue or thread in its docstring. Sections: weight dropout, mutation and no-grad updates."""
+"""AWD_LSTM and RNNRegularizer: the fastai defects that need a whole language model, pinned one named test each, with
+the upstream issue or thread in its docstring."""
 import copy, io, math, pickle, socket, warnings
 import pytest
 import torch
@@ -72,7 +72,7 @@ def test_fastai_2148_ddp_gloo():
     assert all(isinstance(v, list) for v in res.values()), res
     assert res[0] == res[1]   # the replicas stayed identical
 
-# fastai's RNNRegularizer (AR/TAR): weightdrop's `RNNRegularizer` is fastai's with these two defects fixed (nbs/31_callbacks).
+# fastai's RNNRegularizer (AR/TAR): weightdrop's `RNNRegularizer` is fastai's with these two defects fixed.
 
 def _run_rnn_regularizer(bs, sl, alpha=0., beta=0.):
     from types import SimpleNamespace
