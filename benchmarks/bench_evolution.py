@@ -11,11 +11,13 @@ In one run:
    `torch.randn(n)` from a generator seeded once.
 3. Members per second of a whole generation on 1 and 2 processes (torchrun, gloo) for the three approaches: weightdrop's
    `EvolutionStrategy.step` all-gathers the fitness only; the two baselines all-reduce the fitness and then each rank's
-   partial gradient estimate. Bytes each rank sends per generation, counted by wrapping `torch.distributed`'s collectives.
+   partial gradient estimate. Twice: with a fitness of one forward on a batch of 64 (drawing the noise dominates), and
+   of 1024 (scoring dominates). Bytes each rank sends per generation, counted by wrapping `torch.distributed`'s
+   collectives.
 4. Memory overhead of a generation: each contender in a fresh process, its peak RSS (VmHWM, reset through
    /proc/self/clear_refs once the model is built) above the resident size at that point, in bytes and in model sizes.
 
-Run: PYTHONPATH=. python benchmarks/bench_evolution.py [--reps 5] [--popsize 16]
+Run: PYTHONPATH=. python benchmarks/bench_evolution.py [--reps 5] [--popsize 16] [--generations 4]
 """
 import argparse, copy, json, os, socket, statistics, subprocess, sys, time
 import torch, torch.distributed as dist
@@ -28,7 +30,7 @@ def make_model(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(*[m for _ in range(LAYERS) for m in (nn.Linear(WIDTH, WIDTH), nn.Tanh())])
 
-def batch(): return torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(1))
+def batch(n=BATCH): return torch.randn(n, WIDTH, generator=torch.Generator().manual_seed(1))
 
 def fitness(x):
     def f(m):
@@ -138,7 +140,7 @@ def baseline_step(kind, model, params, opt, popsize, g, rank, world, score, sigm
     for p, e in zip(params, est.split([p.numel() for p in params])): p.grad = e.view_as(p).clone()
     opt.step(); opt.zero_grad()
 
-def worker(out, popsize, generations):
+def worker(out, popsize, generations, bs):
     sent = []
     def counting(fn, arg):
         def wrapped(*a, **k):
@@ -152,7 +154,7 @@ def worker(out, popsize, generations):
     from weightdrop.evolution import EvolutionStrategy
     dist.init_process_group('gloo'); rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    x, res = batch(), {}
+    x, res = batch(bs), {}
     for kind in ('weightdrop', 'deepcopy', 'flat'):
         model = make_model(); params = list(model.parameters())
         if kind == 'weightdrop':
@@ -163,10 +165,13 @@ def worker(out, popsize, generations):
             step = lambda g: baseline_step(kind, model, params, opt, popsize, g, rank, world, fitness(x))
         sent.clear(); step(0)                          # warm-up generation, whose collectives are counted
         per_gen = sum(sent); dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for g in range(1, generations + 1): step(g)
-        dist.barrier()
-        res[kind] = dict(members_per_s=popsize * generations / (time.perf_counter() - t0), bytes_per_gen=per_gen)
+        cpu = torch.tensor([time.process_time() - c0], dtype=torch.float64)
+        dist.barrier(); wall = time.perf_counter() - t0
+        dist.all_reduce(cpu, op=dist.ReduceOp.MAX)     # the busiest rank's CPU time: what a core per rank would take
+        res[kind] = dict(members_per_s=popsize * generations / wall, bytes_per_gen=per_gen,
+                         members_per_cpu_s=popsize * generations / cpu.item())
     if rank == 0:
         json.dump(dict(world=world, n_params=sum(p.numel() for p in make_model().parameters()), **res), open(out, 'w'))
     dist.barrier(); dist.destroy_process_group()
@@ -175,34 +180,36 @@ def worker(out, popsize, generations):
 def free_port():
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
-def run_workers(nproc, popsize, generations, tmp):
-    out = os.path.join(tmp, f'w{nproc}.json')
+def run_workers(nproc, popsize, generations, bs, tmp):
+    out = os.path.join(tmp, f'w{nproc}_{bs}.json')
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     subprocess.run([sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_port',
                     str(free_port()), __file__, '--worker', out, '--popsize', str(popsize), '--generations',
-                    str(generations)], env=env, check=True, capture_output=True)
+                    str(generations), '--batch', str(bs)], env=env, check=True, capture_output=True)
     return json.load(open(out))
 
 LABELS = dict(weightdrop='weightdrop `EvolutionStrategy.step`', deepcopy='deepcopy + perturb per member',
               flat='flat vector per member (EvoTorch-style)')
 
-def scaling_table(popsize, generations):
+def scaling_table(popsize, generations, bs):
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
-        one, two = (run_workers(n, popsize, generations, tmp) for n in (1, 2))
+        one, two = (run_workers(n, popsize, generations, bs, tmp) for n in (1, 2))
     n = one['n_params']
-    print(f"\n## A whole generation (members, fitness forward on a batch of {BATCH}, estimate, Adam step) on 1 and 2 "
-          f"processes (torchrun, gloo, 1 thread each), popsize {popsize}, {generations} generations after a warm-up\n")
-    print("The two baselines all-reduce the fitness and then each rank's partial gradient estimate, as a data-parallel "
-          "ES does;\nweightdrop all-gathers the fitness only and rebuilds the estimate from the seeds on every rank. "
-          f"{n:,} parameters, {4 * n:,} bytes in float32.\n")
+    print(f"\n## A whole generation on 1 and 2 processes: fitness = one forward of a batch of {bs} (torchrun, gloo, 1 "
+          f"thread each), popsize {popsize}, {generations} generations after a warm-up, load average "
+          f"{os.getloadavg()[0]:.1f} at the end\n")
+    print("Members/s: wall clock; in brackets, members per CPU-second of the busiest rank, the rate with a free core "
+          "per rank.\n")
     print("| approach | members/s, 1 process | members/s, 2 processes | speed-up | vs weightdrop, 2 processes | "
           "bytes sent per rank per generation (2 processes) | in parameters' float32 bytes |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for k in ('weightdrop', 'deepcopy', 'flat'):
-        a, b, w = one[k]['members_per_s'], two[k]['members_per_s'], two['weightdrop']['members_per_s']
+        a, b, w = (r[k]['members_per_s'] for r in (one, two, {k: two['weightdrop']}))
+        ac, bc, wc = (r[k]['members_per_cpu_s'] for r in (one, two, {k: two['weightdrop']}))
         sent = two[k]['bytes_per_gen']
-        print(f"| {LABELS[k]} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {b / w:.2f}x | {sent:,} | {sent / (4 * n):.2g} |")
+        print(f"| {LABELS[k]} | {a:.1f} ({ac:.1f}) | {b:.1f} ({bc:.1f}) | {b / a:.2f}x ({bc / ac:.2f}x) | "
+              f"{b / w:.2f}x ({bc / wc:.2f}x) | {sent:,} | {sent / (4 * n):.2g} |")
 
 # ---- memory overhead, each contender in a fresh process
 
@@ -267,16 +274,20 @@ def memory_table(popsize):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--reps', type=int, default=5); ap.add_argument('--popsize', type=int, default=16)
-    ap.add_argument('--generations', type=int, default=3)
+    ap.add_argument('--generations', type=int, default=4)
+    ap.add_argument('--batch', type=int, default=BATCH, help='worker: fitness batch size')
     ap.add_argument('--worker'); ap.add_argument('--mem')
     a = ap.parse_args()
-    if a.worker: return worker(a.worker, a.popsize, a.generations)
+    if a.worker: return worker(a.worker, a.popsize, a.generations, a.batch)
     if a.mem: return mem_worker(a.mem, a.popsize)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, CPU\n")
     per_member_table(a.reps, a.popsize)
     noise_table(a.reps)
-    scaling_table(a.popsize, a.generations)
+    print("\nThe two baselines below all-reduce the fitness and then each rank's partial gradient estimate, as a "
+          "data-parallel ES does;\nweightdrop all-gathers the fitness only and every rank rebuilds the whole estimate "
+          "from the seeds.")
+    for bs in (BATCH, 16 * BATCH): scaling_table(a.popsize, a.generations, bs)
     memory_table(a.popsize)
 
 if __name__ == '__main__': main()

@@ -107,6 +107,19 @@ def test_es_improves_and_reports_stats():
     assert all(h['min'] <= h['mean'] <= h['max'] and h['time'] > 0 for h in hist)
     assert [h['generation'] for h in hist] == list(range(100)) and es.generation == 100
 
+def test_adam_by_default_on_the_evolved_parameters_and_bf16_weights_stay_bf16():
+    "The estimate goes to Adam through .grad; a bf16 model is perturbed, stepped and kept in bf16, and it moves."
+    m = mlp().to(torch.bfloat16); before = params(m)
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    es = EvolutionStrategy(m, 4, 0.05, 0.01, include='*.weight')
+    assert type(es.opt) is torch.optim.Adam and es.opt.param_groups[0]['lr'] == 0.01
+    assert es.opt.param_groups[0]['params'] == [m[0].weight, m[2].weight, m[4].weight]
+    es.step(lambda m: -m(x).float().pow(2).mean().item())
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+    after = dict(m.named_parameters()); names = [n for n, _ in m.named_parameters()]
+    moved = {n for n, b in zip(names, before) if not torch.equal(after[n], b)}
+    assert moved == {'0.weight', '2.weight', '4.weight'}
+
 def test_checkpoint_resume_is_exact():
     "Train 3 generations, save model + strategy, resume in fresh objects for 3 more: bit-identical to 6 straight."
     x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
