@@ -177,6 +177,10 @@ def test_evaluate_key_must_be_a_finite_number():
         with pytest.raises(TypeError, match='key must be a finite number, the same on every rank'):
             pop.evaluate(lambda m: 0., key=bad)
     assert pop.evaluate(lambda m: 1., key=2.5).tolist() == [1.] * 4
+    net = mlp(); before = params(net); es = EvolutionStrategy(net, 4, 0.1, 0.1)
+    with pytest.raises(TypeError, match='key must be a finite number'): es.step(lambda m: 0., key=float('inf'))
+    assert same(params(net), before) and es.generation == 0
+    assert es.step(lambda m: 0., key=3.)['generation'] == 0 and es.generation == 1
 
 def test_perturb_refuses_a_live_graph_and_changes_nothing():
     net = mlp(); loss = net(torch.randn(3, 6)).sum(); before = params(net)

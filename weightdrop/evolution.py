@@ -311,11 +311,12 @@ class EvolutionStrategy:
     @property
     def generation(self) -> int: return self.population.generation
 
-    def step(self, fitness_fn # fitness_fn(model) -> float, higher is better
+    def step(self, fitness_fn, # fitness_fn(model) -> float, higher is better
+             key:float=0., # A number every rank must pass alike, e.g. a fingerprint of this generation's data
             ) -> dict: # generation, fitness mean/max/min, time (s)
         "Evaluate one generation, hand the estimate to the optimizer, step it; return the generation's statistics."
         t0, pop = time.perf_counter(), self.population
-        fitness = pop.evaluate(fitness_fn)
+        fitness = pop.evaluate(fitness_fn, key=key)
         pop.set_grad_(fitness)
         self.opt.step(); self.opt.zero_grad()
         stats = dict(generation=pop.generation, mean=fitness.mean().item(), max=fitness.max().item(),
