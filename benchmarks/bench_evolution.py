@@ -9,14 +9,17 @@ In one run:
      `parameters_to_vector` once per generation.
 2. The price of a stream per (seed, parameter name) on the CPU: `param_noise` over every parameter against one
    `torch.randn(n)` from a generator seeded once.
-3. Members per second of `EvolutionStrategy.step` on 1 and 2 processes (torchrun, gloo), and the bytes each rank sends
-   per generation, counted by wrapping `torch.distributed`'s collectives, against the 4 bytes per parameter of
-   all-reducing a float32 gradient estimate.
-4. Peak memory (ru_maxrss, each contender in a fresh process) of a generation, over the model itself.
+3. Members per second of a whole generation on 1 and 2 processes (torchrun, gloo) for the three approaches: weightdrop's
+   `EvolutionStrategy.step` all-gathers the fitness only; the two baselines all-reduce the fitness and then each rank's
+   partial gradient estimate. Twice: with a fitness of one forward on a batch of 64 (drawing the noise dominates), and
+   of 1024 (scoring dominates). Bytes each rank sends per generation, counted by wrapping `torch.distributed`'s
+   collectives.
+4. Memory overhead of a generation: each contender in a fresh process, its peak RSS (VmHWM, reset through
+   /proc/self/clear_refs once the model is built) above the resident size at that point, in bytes and in model sizes.
 
-Run: PYTHONPATH=. python benchmarks/bench_evolution.py [--reps 5] [--popsize 16]
+Run: PYTHONPATH=. python benchmarks/bench_evolution.py [--reps 5] [--popsize 16] [--generations 4]
 """
-import argparse, copy, json, os, resource, socket, statistics, subprocess, sys, time
+import argparse, copy, json, os, socket, statistics, subprocess, sys, time
 import torch, torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -27,7 +30,7 @@ def make_model(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(*[m for _ in range(LAYERS) for m in (nn.Linear(WIDTH, WIDTH), nn.Tanh())])
 
-def batch(): return torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(1))
+def batch(n=BATCH): return torch.randn(n, WIDTH, generator=torch.Generator().manual_seed(1))
 
 def fitness(x):
     def f(m):
@@ -105,9 +108,39 @@ def noise_table(reps):
     print("|---:|---:|---:|")
     print(f"| {ts * 1e3:.1f} ms | {to * 1e3:.1f} ms | {r:.2f}x |")
 
-# ---- members per second and bytes sent, on 1 and 2 processes
+# ---- members per second and bytes sent, on 1 and 2 processes, for the three approaches
 
-def worker(out, popsize, generations):
+def _pair_seed(g, m): return 1_000_003 * g + m // 2, -1. if m % 2 else 1.
+
+def baseline_step(kind, model, params, opt, popsize, g, rank, world, score, sigma=0.02):
+    "One generation of OpenAI-ES the usual way: members by deepcopy or by flat vector, fitness all-reduced, then each "
+    "rank's partial gradient estimate (its own members' noise) all-reduced: O(parameters) per rank."
+    mine = [k * 2 + j for k in range(rank, popsize // 2, world) for j in range(2)]
+    theta, fit = parameters_to_vector(params).detach(), torch.zeros(popsize, dtype=torch.float64)
+    for m in mine:
+        s, sign = _pair_seed(g, m)
+        eps = torch.randn(theta.numel(), generator=torch.Generator().manual_seed(s))
+        if kind == 'deepcopy':
+            c = copy.deepcopy(model)
+            with torch.no_grad():
+                for p, e in zip(c.parameters(), eps.split([p.numel() for p in params])): p.add_(e.view_as(p), alpha=sign * sigma)
+            fit[m] = score(c)
+        else:
+            vector_to_parameters(theta + sign * sigma * eps, params); fit[m] = score(model)
+    if kind == 'flat': vector_to_parameters(theta, params)
+    if world > 1: dist.all_reduce(fit)
+    ranks = torch.empty_like(fit); ranks[fit.argsort(stable=True)] = torch.arange(popsize, dtype=fit.dtype)
+    w = ranks / (popsize - 1) - 0.5
+    est = torch.zeros_like(theta)
+    for m in mine:
+        s, sign = _pair_seed(g, m)
+        est.add_(torch.randn(theta.numel(), generator=torch.Generator().manual_seed(s)), alpha=sign * w[m].item())
+    if world > 1: dist.all_reduce(est)
+    est.div_(-popsize * sigma)
+    for p, e in zip(params, est.split([p.numel() for p in params])): p.grad = e.view_as(p).clone()
+    opt.step(); opt.zero_grad()
+
+def worker(out, popsize, generations, bs):
     sent = []
     def counting(fn, arg):
         def wrapped(*a, **k):
@@ -121,60 +154,91 @@ def worker(out, popsize, generations):
     from weightdrop.evolution import EvolutionStrategy
     dist.init_process_group('gloo'); rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    model, x = make_model(), batch()
-    es = EvolutionStrategy(model, popsize, 0.02, 0.01)
-    sent.clear()
-    es.step(fitness(x))                               # warm-up generation
-    per_gen = sum(sent); dist.barrier()
-    t0 = time.perf_counter()
-    for _ in range(generations): es.step(fitness(x))
-    dist.barrier(); dt = time.perf_counter() - t0
+    x, res = batch(bs), {}
+    for kind in ('weightdrop', 'deepcopy', 'flat'):
+        model = make_model(); params = list(model.parameters())
+        if kind == 'weightdrop':
+            es = EvolutionStrategy(model, popsize, 0.02, 0.01)
+            step = lambda g: es.step(fitness(x))
+        else:
+            opt = torch.optim.Adam(params, lr=0.01)
+            step = lambda g: baseline_step(kind, model, params, opt, popsize, g, rank, world, fitness(x))
+        sent.clear(); step(0)                          # warm-up generation, whose collectives are counted
+        per_gen = sum(sent); dist.barrier()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for g in range(1, generations + 1): step(g)
+        cpu = torch.tensor([time.process_time() - c0], dtype=torch.float64)
+        dist.barrier(); wall = time.perf_counter() - t0
+        dist.all_reduce(cpu, op=dist.ReduceOp.MAX)     # the busiest rank's CPU time: what a core per rank would take
+        res[kind] = dict(members_per_s=popsize * generations / wall, bytes_per_gen=per_gen,
+                         members_per_cpu_s=popsize * generations / cpu.item())
     if rank == 0:
-        json.dump(dict(world=world, members_per_s=popsize * generations / dt, bytes_per_gen=per_gen,
-                       n_params=sum(p.numel() for p in model.parameters())), open(out, 'w'))
+        json.dump(dict(world=world, n_params=sum(p.numel() for p in make_model().parameters()), **res), open(out, 'w'))
     dist.barrier(); dist.destroy_process_group()
     sys.stdout.flush(); os._exit(0)
 
 def free_port():
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
-def run_workers(nproc, popsize, generations, tmp):
-    out = os.path.join(tmp, f'w{nproc}.json')
+def run_workers(nproc, popsize, generations, bs, tmp):
+    out = os.path.join(tmp, f'w{nproc}_{bs}.json')
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     subprocess.run([sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_port',
                     str(free_port()), __file__, '--worker', out, '--popsize', str(popsize), '--generations',
-                    str(generations)], env=env, check=True, capture_output=True)
+                    str(generations), '--batch', str(bs)], env=env, check=True, capture_output=True)
     return json.load(open(out))
 
-def scaling_table(popsize, generations):
+LABELS = dict(weightdrop='weightdrop `EvolutionStrategy.step`', deepcopy='deepcopy + perturb per member',
+              flat='flat vector per member (EvoTorch-style)')
+
+def scaling_table(popsize, generations, bs):
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
-        res = [run_workers(n, popsize, generations, tmp) for n in (1, 2)]
-    n = res[0]['n_params']
-    print(f"\n## `EvolutionStrategy.step` on 1 and 2 processes (torchrun, gloo, 1 thread each), popsize {popsize}, "
-          f"{generations} generations\n")
-    print("| processes | members/s | speed-up | bytes sent per rank per generation | all-reducing a float32 gradient "
-          "estimate instead |")
-    print("|---:|---:|---:|---:|---:|")
-    for r in res:
-        print(f"| {r['world']} | {r['members_per_s']:.1f} | {r['members_per_s'] / res[0]['members_per_s']:.2f}x | "
-              f"{r['bytes_per_gen']} | {4 * n:,} ({4 * n / max(r['bytes_per_gen'], 1):,.0f}x)"
-              + (" |" if r['world'] > 1 else " (none needed on 1 process) |"))
+        one, two = (run_workers(n, popsize, generations, bs, tmp) for n in (1, 2))
+    n = one['n_params']
+    print(f"\n## A whole generation on 1 and 2 processes: fitness = one forward of a batch of {bs} (torchrun, gloo, 1 "
+          f"thread each), popsize {popsize}, {generations} generations after a warm-up, load average "
+          f"{os.getloadavg()[0]:.1f} at the end\n")
+    print("Members/s: wall clock; in brackets, members per CPU-second of the busiest rank, the rate with a free core "
+          "per rank.\n")
+    print("| approach | members/s, 1 process | members/s, 2 processes | speed-up | vs weightdrop, 2 processes | "
+          "bytes sent per rank per generation (2 processes) | in parameters' float32 bytes |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for k in ('weightdrop', 'deepcopy', 'flat'):
+        a, b, w = (r[k]['members_per_s'] for r in (one, two, {k: two['weightdrop']}))
+        ac, bc, wc = (r[k]['members_per_cpu_s'] for r in (one, two, {k: two['weightdrop']}))
+        sent = two[k]['bytes_per_gen']
+        print(f"| {LABELS[k]} | {a:.1f} ({ac:.1f}) | {b:.1f} ({bc:.1f}) | {b / a:.2f}x ({bc / ac:.2f}x) | "
+              f"{b / w:.2f}x ({bc / wc:.2f}x) | {sent:,} | {sent / (4 * n):.2g} |")
 
-# ---- peak memory, each contender in a fresh process
+# ---- memory overhead, each contender in a fresh process
+
+def _status(key):
+    for line in open('/proc/self/status'):
+        if line.startswith(key): return int(line.split()[1]) * 1024
+    raise KeyError(key)
 
 def mem_worker(kind, popsize):
+    "Peak resident memory of one generation above the process as it stands once the model is built."
+    import ctypes, gc
     torch.set_num_threads(1)
-    model, score = make_model(), (lambda m: 0.)
-    params = list(model.parameters())
     from weightdrop.evolution import EvolutionStrategy, perturb_
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if kind == 'weightdrop':
-        EvolutionStrategy(model, popsize, 0.02, 0.01, optimizer=torch.optim.SGD).step(score)   # members + update
+    model, x = make_model(), batch()
+    params = list(model.parameters()); score = fitness(x)
+    score(model)                                          # the forward's own buffers are not what is measured
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.)   # nor the ~70 MiB the first optimizer imports
+    gc.collect(); ctypes.CDLL('libc.so.6').malloc_trim(0)
+    base = _status('VmRSS')
+    with open('/proc/self/clear_refs', 'w') as f: f.write('5')   # reset VmHWM to the current resident size
+    if kind == 'perturbed':
+        bk = None
+        for s in range(popsize):
+            bk = perturb_(model, s, 0.02, mirror=bool(s % 2), backup=bk, check_graph=False)
+            score(model); bk.restore_()
+    elif kind == 'es_step':
+        EvolutionStrategy(model, popsize, 0.02, 0.01, optimizer=torch.optim.SGD).step(score)
     elif kind == 'deepcopy':
         for s in range(popsize): deepcopy_member(model, s, score)
-    elif kind == 'deepcopy_population':
-        pop = [copy.deepcopy(model) for _ in range(popsize)]
     elif kind == 'flat':
         theta = parameters_to_vector(params)
         for s in range(popsize): flat_member(model, theta, s, score)
@@ -184,39 +248,46 @@ def mem_worker(kind, popsize):
         pop = theta + 0.02 * torch.randn(popsize, theta.numel())
         for row in pop: vector_to_parameters(row, params); score(model)
         vector_to_parameters(theta, params)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps(dict(kib=peak - base, model_kib=sum(p.nbytes for p in params) / 1024)))
+    print(json.dumps(dict(extra=_status('VmHWM') - base, model=sum(p.nbytes for p in params))))
 
 def memory_table(popsize):
-    kinds = [('weightdrop `EvolutionStrategy.step` (members + update)', 'weightdrop'),
-             ('deepcopy per member, one at a time', 'deepcopy'),
-             ('deepcopy per member, population held', 'deepcopy_population'),
-             ('flat vector, one member at a time', 'flat'),
+    kinds = [('weightdrop `perturb_` + `restore_`, one `Backup` for the generation', 'perturbed'),
+             ('weightdrop `EvolutionStrategy.step` (members + estimate + SGD step)', 'es_step'),
+             ('deepcopy + perturb per member, one at a time', 'deepcopy'),
+             ('flat vector per member, one at a time', 'flat'),
              ('flat vector, population matrix (EvoTorch)', 'flat_population')]
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    print(f"\n## Peak memory of one generation over the model itself (popsize {popsize}; ru_maxrss, fresh process each)\n")
-    print("| approach | extra peak (MiB) | in models |")
-    print("|---|---:|---:|")
+    # a fixed mmap threshold: glibc then returns every freed tensor to the system, and RSS follows the live tensors
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MALLOC_MMAP_THRESHOLD_': '131072'}
+    rows = []
     for label, kind in kinds:
         r = subprocess.run([sys.executable, __file__, '--mem', kind, '--popsize', str(popsize)], env=env, check=True,
                            capture_output=True, text=True)
-        d = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"| {label} | {d['kib'] / 1024:.1f} | {d['kib'] / d['model_kib']:.2f} |")
+        rows.append((label, json.loads(r.stdout.strip().splitlines()[-1])))
+    model = rows[0][1]['model']
+    print(f"\n## Memory overhead of one generation of {popsize} members (peak RSS above the built model, fresh process "
+          f"each; model {model / 2**20:.1f} MiB)\n")
+    print("| approach | extra peak (MiB) | extra peak (bytes) | in model sizes |")
+    print("|---|---:|---:|---:|")
+    for label, d in rows:
+        print(f"| {label} | {d['extra'] / 2**20:.1f} | {d['extra']:,} | {d['extra'] / d['model']:.2f} |")
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--reps', type=int, default=5); ap.add_argument('--popsize', type=int, default=16)
-    ap.add_argument('--generations', type=int, default=3)
+    ap.add_argument('--generations', type=int, default=4)
+    ap.add_argument('--batch', type=int, default=BATCH, help='worker: fitness batch size')
     ap.add_argument('--worker'); ap.add_argument('--mem')
     a = ap.parse_args()
-    if a.worker: return worker(a.worker, a.popsize, a.generations)
+    if a.worker: return worker(a.worker, a.popsize, a.generations, a.batch)
     if a.mem: return mem_worker(a.mem, a.popsize)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, CPU\n")
     per_member_table(a.reps, a.popsize)
     noise_table(a.reps)
-    scaling_table(a.popsize, a.generations)
-    # memory_table(a.popsize): ru_maxrss is taken after the model is built, but the process's earlier peak (imports,
-    # model construction) hides the generation's own; needs a baseline that has already peaked
+    print("\nThe two baselines below all-reduce the fitness and then each rank's partial gradient estimate, as a "
+          "data-parallel ES does;\nweightdrop all-gathers the fitness only and every rank rebuilds the whole estimate "
+          "from the seeds.")
+    for bs in (BATCH, 16 * BATCH): scaling_table(a.popsize, a.generations, bs)
+    memory_table(a.popsize)
 
 if __name__ == '__main__': main()

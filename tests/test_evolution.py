@@ -1,6 +1,6 @@
 """Evolution strategies: seed-defined perturbations restored bit for bit, OpenAI-ES steps, and populations split over
 2 gloo processes (started with torchrun) that exchange only fitness values."""
-import copy, functools, math, os, socket, subprocess, sys
+import copy, math, sys
 from pathlib import Path
 import pytest, torch
 from torch import nn
@@ -8,9 +8,10 @@ from weightdrop.evolution import *
 from weightdrop.validate import mix_seed
 
 TESTS = Path(__file__).resolve().parent
-REPO, SCRIPTS = TESTS.parent, TESTS / 'es_scripts'
+SCRIPTS = TESTS / 'es_scripts'
 sys.path.insert(0, str(SCRIPTS))
 import es_common  # noqa: E402
+from es_launch import torchrun  # noqa: E402
 
 def params(m): return [p.detach().clone() for p in m.parameters()]
 def same(a, b): return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
@@ -106,6 +107,19 @@ def test_es_improves_and_reports_stats():
     assert all(h['min'] <= h['mean'] <= h['max'] and h['time'] > 0 for h in hist)
     assert [h['generation'] for h in hist] == list(range(100)) and es.generation == 100
 
+def test_adam_by_default_on_the_evolved_parameters_and_bf16_weights_stay_bf16():
+    "The estimate goes to Adam through .grad; a bf16 model is perturbed, stepped and kept in bf16, and it moves."
+    m = mlp().to(torch.bfloat16); before = params(m)
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    es = EvolutionStrategy(m, 4, 0.05, 0.01, include='*.weight')
+    assert type(es.opt) is torch.optim.Adam and es.opt.param_groups[0]['lr'] == 0.01
+    assert es.opt.param_groups[0]['params'] == [m[0].weight, m[2].weight, m[4].weight]
+    es.step(lambda m: -m(x).float().pow(2).mean().item())
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+    after = dict(m.named_parameters()); names = [n for n, _ in m.named_parameters()]
+    moved = {n for n, b in zip(names, before) if not torch.equal(after[n], b)}
+    assert moved == {'0.weight', '2.weight', '4.weight'}
+
 def test_checkpoint_resume_is_exact():
     "Train 3 generations, save model + strategy, resume in fresh objects for 3 more: bit-identical to 6 straight."
     x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
@@ -156,6 +170,17 @@ def test_bad_arguments_name_the_fix_and_change_nothing(kwargs, msg):
     with pytest.raises((ValueError, TypeError)) as e: EvolutionStrategy(net, **args)
     assert msg in str(e.value)
     assert same(params(net), before)
+
+def test_evaluate_key_must_be_a_finite_number():
+    pop = Population(mlp(), 4, 0.1)
+    for bad in (float('nan'), '3', None, True):
+        with pytest.raises(TypeError, match='key must be a finite number, the same on every rank'):
+            pop.evaluate(lambda m: 0., key=bad)
+    assert pop.evaluate(lambda m: 1., key=2.5).tolist() == [1.] * 4
+    net = mlp(); before = params(net); es = EvolutionStrategy(net, 4, 0.1, 0.1)
+    with pytest.raises(TypeError, match='key must be a finite number'): es.step(lambda m: 0., key=float('inf'))
+    assert same(params(net), before) and es.generation == 0
+    assert es.step(lambda m: 0., key=3.)['generation'] == 0 and es.generation == 1
 
 def test_perturb_refuses_a_live_graph_and_changes_nothing():
     net = mlp(); loss = net(torch.randn(3, 6)).sum(); before = params(net)
@@ -211,27 +236,13 @@ def test_restoring_by_subtracting_the_noise_is_not_exact():
 
 # ---- distributed: 2 processes, gloo, CPU
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
-def torchrun(out, *args, nproc=2):
-    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]),
-           'OMP_NUM_THREADS': '1'}
-    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_port', str(free_port()),
-           str(SCRIPTS / 'es_run.py'), str(out), *args]
-    try: r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired as e: pytest.fail(f"es_run.py {args} timed out (a hang?)\n{e.stdout}\n{e.stderr}")
-    if r.returncode != 0: pytest.fail(f"es_run.py {args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr[-6000:]}")
-    return [torch.load(out / f'rank{i}.pt', weights_only=False) for i in range(nproc)]
-
 @pytest.fixture(scope='module')
 def run2(tmp_path_factory):
-    out = tmp_path_factory.mktemp('es_run'); return torchrun(out)
+    out = tmp_path_factory.mktemp('es_run'); return torchrun('es_run.py', out)
 
 @pytest.fixture(scope='module')
 def run2_fail(tmp_path_factory):
-    out = tmp_path_factory.mktemp('es_fail'); return torchrun(out, '--fail-rank', '1')
+    out = tmp_path_factory.mktemp('es_fail'); return torchrun('es_run.py', out, '--fail-rank', '1')
 
 @pytest.mark.distributed
 def test_two_ranks_split_members_and_stay_bit_identical(run2):
@@ -259,10 +270,10 @@ def test_two_ranks_end_where_one_process_ends(run2):
 
 @pytest.mark.distributed
 def test_one_small_all_gather_per_generation(run2):
-    "Per generation, each rank sends one all-gather of 3 + 2 * (members per rank, padded) numbers: O(popsize), "
+    "Per generation, each rank sends one all-gather of 4 + 2 * (members per rank, padded) numbers: O(popsize), "
     "the same for a model with 30 times the parameters. Only construction broadcasts the weights, once."
     r0, r1 = run2
-    per_rank = 3 + 2 * 4          # 3 pairs over 2 ranks: 2 pairs (4 slots) per rank, padded
+    per_rank = 4 + 2 * 4          # a 4-number header; 3 pairs over 2 ranks: 2 pairs (4 slots) per rank, padded
     for r in (r0, r1):
         assert len(r['per_generation']) == es_common.GENERATIONS
         for calls in r['per_generation']:

@@ -170,8 +170,9 @@ class Population:
     def _broadcast(self):
         check_not_saved(self.named, 'Population')
         src = dist.get_global_rank(self.group, 0)
+        bufs = list(self.model.buffers()) if isinstance(self.model, nn.Module) else []
         with torch.no_grad():
-            for _, t in self.named: dist.broadcast(t.detach(), src=src, group=self.group)
+            for t in [t for _, t in self.named] + bufs: dist.broadcast(t.detach(), src=src, group=self.group)
 
     def members_of(self, rank:int) -> list:
         "The members `rank` evaluates: antithetic pairs (or single members) dealt round-robin."
@@ -193,6 +194,8 @@ class Population:
         self.sigma, self.shaping, self.generation, self.seed = sd['sigma'], sd['shaping'], sd['generation'], sd['seed']
 
 # %% ../nbs/23_evolution.ipynb #ea3f4c91
+_HEAD = 4         # a rank's block: generation, seed mod 2^52, popsize, key; then (fitness, status) per member
+
 def _score(pop:Population, fitness_fn, block:Tensor) -> tuple|None:
     "Fill `block` with this rank's (fitness, status) pairs; return (member, exception) if `fitness_fn` raised."
     backup = None
@@ -204,9 +207,9 @@ def _score(pop:Population, fitness_fn, block:Tensor) -> tuple|None:
                 with torch.no_grad(): f = float(fitness_fn(pop.model))
             finally: backup.restore_()
         except Exception as e:
-            block[3 + 2 * slot:5 + 2 * slot] = torch.tensor([math.nan, RAISED])
+            block[_HEAD + 2 * slot:_HEAD + 2 + 2 * slot] = torch.tensor([math.nan, RAISED])
             return m, e
-        block[3 + 2 * slot:5 + 2 * slot] = torch.tensor([f, OK if math.isfinite(f) else NONFINITE])
+        block[_HEAD + 2 * slot:_HEAD + 2 + 2 * slot] = torch.tensor([f, OK if math.isfinite(f) else NONFINITE])
 
 def _gather(pop:Population, block:Tensor) -> Tensor:
     "The (world, len(block)) table of every rank's block: the generation's one collective."
@@ -219,14 +222,18 @@ def _gather(pop:Population, block:Tensor) -> Tensor:
 # %% ../nbs/23_evolution.ipynb #056c8bbd
 def _read_table(pop:Population, table:Tensor, failed) -> Tensor:
     "Every member's fitness from the gathered table; raise on every rank if the ranks disagree or a member failed."
-    heads = table[:, :3]
+    heads, keys = table[:, :3], table[:, 3]
     if not (heads == heads[0]).all(): raise RuntimeError(
         f"ranks disagree on (generation, seed mod 2^52, popsize): {heads.tolist()}; start every rank from the same "
         f"seed and load the same checkpoint on each")
+    if not (keys == keys[0]).all(): raise RuntimeError(
+        f"ranks disagree on evaluate's key: {keys.tolist()}; every rank must score its members on the same data "
+        f"(the same batch: the same seed for the data order on each rank, and no loader that shards the data, "
+        f"such as fastai's distrib_ctx)")
     fitness, bad = torch.empty(pop.popsize, dtype=torch.float64), []
     for r in range(pop.world):
         for slot, m in enumerate(pop.members_of(r)):
-            f, status = table[r, 3 + 2 * slot:5 + 2 * slot].tolist()
+            f, status = table[r, _HEAD + 2 * slot:_HEAD + 2 + 2 * slot].tolist()
             if status in (RAISED, NONFINITE): bad.append((status, m, r, f))
             fitness[m] = f
     if not bad: return fitness
@@ -237,11 +244,15 @@ def _read_table(pop:Population, table:Tensor, failed) -> Tensor:
         raise RuntimeError(f"fitness_fn raised {where}: {failed[1]!r}; every rank stops at this generation") from failed[1]
     raise RuntimeError(f"fitness_fn raised {where} (that rank's traceback has the error); every rank stops at this generation")
 
-def _evaluate(self:Population, fitness_fn) -> Tensor: # Every member's fitness, float64, in member order
-    "Score this rank's members with `fitness_fn(model) -> float` (higher is better) and all-gather every member's."
+def _evaluate(self:Population, fitness_fn, # fitness_fn(model) -> float, higher is better
+              key:float=0., # A number every rank must pass alike, e.g. a fingerprint of the data scored on
+             ) -> Tensor: # Every member's fitness, float64, in member order
+    "Score this rank's members with `fitness_fn` and all-gather every member's fitness."
     check_not_saved(self.named, 'evaluate')
-    block = torch.full((3 + 2 * len(self.members_of(0)),), SKIPPED, dtype=torch.float64)
-    block[:3] = torch.tensor([self.generation, self.seed % 2**52, self.popsize], dtype=torch.float64)
+    if isinstance(key, bool) or not isinstance(key, (int, float)) or not math.isfinite(key):
+        raise TypeError(f"key must be a finite number, the same on every rank, got {key!r}; pass e.g. key=0.")
+    block = torch.full((_HEAD + 2 * len(self.members_of(0)),), SKIPPED, dtype=torch.float64)
+    block[:_HEAD] = torch.tensor([self.generation, self.seed % 2**52, self.popsize, key], dtype=torch.float64)
     failed = _score(self, fitness_fn, block)
     return _read_table(self, _gather(self, block), failed)
 
@@ -300,11 +311,12 @@ class EvolutionStrategy:
     @property
     def generation(self) -> int: return self.population.generation
 
-    def step(self, fitness_fn # fitness_fn(model) -> float, higher is better
+    def step(self, fitness_fn, # fitness_fn(model) -> float, higher is better
+             key:float=0., # A number every rank must pass alike, e.g. a fingerprint of this generation's data
             ) -> dict: # generation, fitness mean/max/min, time (s)
         "Evaluate one generation, hand the estimate to the optimizer, step it; return the generation's statistics."
         t0, pop = time.perf_counter(), self.population
-        fitness = pop.evaluate(fitness_fn)
+        fitness = pop.evaluate(fitness_fn, key=key)
         pop.set_grad_(fitness)
         self.opt.step(); self.opt.zero_grad()
         stats = dict(generation=pop.generation, mean=fitness.mean().item(), max=fitness.max().item(),

@@ -7,12 +7,22 @@ from __future__ import annotations
 import torch
 from fastai.callback.core import Callback, CancelBackwardException
 from fastai.torch_core import to_detach
+from fastai.optimizer import Optimizer
 from .evolution import Population, check_population, shapings
 
 # %% auto #0
 __all__ = ['EvolutionCallback']
 
 # %% ../nbs/24_evolution_callbacks.ipynb #9a90c724
+def _batch_key(*ts) -> float:
+    "A fingerprint of a batch: its elements, position-weighted and summed in float64, the same on every rank for the same data."
+    k = 0.
+    for t in ts:
+        if isinstance(t, torch.Tensor) and t.numel():
+            v = t.detach().flatten().double().nan_to_num(0., 0., 0.).clamp(-1e100, 1e100)
+            k += (v * torch.linspace(1., 2., len(v), dtype=torch.float64, device=v.device)).sum().item()
+    return k
+
 class EvolutionCallback(Callback):
     "Replace the backward with an evolution strategy's gradient estimate on the current batch; the Learner's optimizer steps."
     def __init__(self,
@@ -28,9 +38,16 @@ class EvolutionCallback(Callback):
         self.popsize, self.sigma, self.seed, self.antithetic, self.shaping = popsize, sigma, seed, antithetic, shaping
         self.include, self.exclude, self.generation, self.fitness = include, exclude, 0, []
 
+    def _opt_state(self) -> dict|None:
+        "The optimizer state of the first evolved parameter, where the generation is saved (fastai `Optimizer` only)."
+        opt = self.learn.opt
+        return opt.state[self.population.named[0][1]] if isinstance(opt, Optimizer) else None
+
     def before_fit(self):
         self.population = Population(self.learn.model, self.popsize, self.sigma, self.seed, self.antithetic,
                                      self.shaping, self.include, self.exclude)
+        st = self._opt_state()                            # a loaded optimizer's generation, else this callback's
+        if st is not None: self.generation = st.get('es_generation', self.generation)
         self.population.generation = self.generation      # a second fit goes on with new seeds
 
     def _member_loss(self, model):
@@ -41,9 +58,11 @@ class EvolutionCallback(Callback):
         learn.pred, learn.loss_grad, learn.loss = to_detach((learn.pred, learn.loss_grad, learn.loss), cpu=False)
         training = learn.model.training
         learn.model.eval()
-        try: fitness = pop.evaluate(lambda m: -self._member_loss(m))
+        try: fitness = pop.evaluate(lambda m: -self._member_loss(m), key=_batch_key(*learn.xb, *learn.yb))
         finally: learn.model.train(training)
         pop.set_grad_(fitness)
         self.fitness.append((fitness.mean().item(), fitness.max().item(), fitness.min().item()))
         pop.generation = self.generation = pop.generation + 1
+        st = self._opt_state()
+        if st is not None: st['es_generation'] = self.generation
         raise CancelBackwardException
