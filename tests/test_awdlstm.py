@@ -111,3 +111,30 @@ def test_fastai_4119_text_learner_keeps_ar_tar():
             if self.training: seen.append((self.learn.loss.item(), self.learn.loss_grad.item()))
     with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3, cbs=Spy())
     assert seen and all(g > l for l, g in seen)   # AR/TAR were added to the loss that is backpropagated
+
+def test_text_classifier_masks_come_from_the_resample_seed():
+    """fastai's text classifier resets its encoder at the start of every batch, after `ResampleCallback` drew the batch's
+    masks from its seed. A reset that forgot them left each batch to draw from PyTorch's global RNG. The masks of a seeded
+    fit are the same under any global seed, and held over the batch's BPTT chunks."""
+    from fastai.text.all import text_classifier_learner, awd_lstm_clas_config, CrossEntropyLossFlat, DataLoaders, DataLoader
+    from weightdrop.callbacks import ResampleCallback
+    g = torch.Generator().manual_seed(0)
+    ds = [(torch.randint(2, 40, (30,), generator=g), torch.tensor(i % 3)) for i in range(12)]   # 3 chunks of 10, no padding
+    def masks_of_a_fit(global_seed):
+        torch.manual_seed(0)
+        dls = DataLoaders(DataLoader(ds, bs=4), DataLoader(ds, bs=4), device='cpu')
+        dls.vocab = ['xxunk', 'xxpad'] + [f'w{i}' for i in range(2, 40)]
+        learn = text_classifier_learner(dls, AWD_LSTM, seq_len=10, n_out=3, pretrained=False, loss_func=CrossEntropyLossFlat(),
+                                        config={**awd_lstm_clas_config, 'emb_sz': 16, 'n_hid': 24, 'n_layers': 2},
+                                        cbs=ResampleCallback(seed=0))
+        seen = []
+        lstm = learn.model[0].module.rnns[0]
+        lstm.wrapped().register_forward_pre_hook(lambda mod, args: seen.append(mod.weight_hh_l0.detach() == 0) if mod.training else None)
+        torch.manual_seed(global_seed)
+        with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3)
+        return seen
+    a, b = masks_of_a_fit(1), masks_of_a_fit(2)
+    assert len(a) == 9                                               # 3 batches of 3 chunks
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(a[3 * i], a[3 * i + k]) for i in range(3) for k in (1, 2))   # one mask per batch
+    assert not torch.equal(a[0], a[3])

@@ -509,3 +509,22 @@ def test_mc_preds_on_language_model_validation_set():
     assert torch.equal(targs, tokens)
     assert mean.shape == (*tokens.shape, 40) and torch.equal(mean, again)
     assert torch.allclose(mean.sum(-1), torch.ones(tokens.shape)) and (std > 0).any()
+
+def test_mc_preds_text_classifier_one_model_per_pass():
+    """A text classifier calls its LSTMs once per BPTT chunk, so with a fresh mask per call one pass of `mc_preds` mixed
+    several models within a passage, and a passage's prediction changed with the batch it was read in. Each pass holds
+    one draw of the masks for all its calls: the batch size changes nothing."""
+    from fastai.text.all import text_classifier_learner, awd_lstm_clas_config, CrossEntropyLossFlat
+    from weightdrop.awdlstm import AWD_LSTM
+    g = torch.Generator().manual_seed(0)
+    ds = [(torch.randint(2, 40, (30,), generator=g), torch.tensor(i % 3)) for i in range(12)]   # 3 chunks of 10, no padding
+    dls = DataLoaders(DataLoader(ds, bs=4, shuffle=True), DataLoader(ds, bs=4), device='cpu')
+    dls.vocab = ['xxunk', 'xxpad'] + [f'w{i}' for i in range(2, 40)]
+    torch.manual_seed(0)
+    learn = text_classifier_learner(dls, AWD_LSTM, seq_len=10, n_out=3, pretrained=False, loss_func=CrossEntropyLossFlat(),
+                                    config={**awd_lstm_clas_config, 'emb_sz': 16, 'n_hid': 24, 'n_layers': 2})
+    with learn.no_bar():
+        by4 = learn.mc_preds(dl=DataLoader(ds, bs=4), n=3, seed=0)
+        by12 = learn.mc_preds(dl=DataLoader(ds, bs=12), n=3, seed=0)
+    assert (by4[1] > 0).all()
+    torch.testing.assert_close(by4, by12, atol=1e-6, rtol=0)

@@ -5,6 +5,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'weightdrop.awdlstm.AWD_LSTM.__post_init__': ( 'awdlstm.html#awd_lstm.__post_init__',
                                                                                    'weightdrop/awdlstm.py'),
                                     'weightdrop.awdlstm.AWD_LSTM._one_rnn': ('awdlstm.html#awd_lstm._one_rnn', 'weightdrop/awdlstm.py'),
+                                    'weightdrop.awdlstm.AWD_LSTM.reset': ('awdlstm.html#awd_lstm.reset', 'weightdrop/awdlstm.py'),
                                     'weightdrop.awdlstm.RNNRegularizer': ('awdlstm.html#rnnregularizer', 'weightdrop/awdlstm.py'),
                                     'weightdrop.awdlstm.RNNRegularizer.after_loss': ( 'awdlstm.html#rnnregularizer.after_loss',
                                                                                       'weightdrop/awdlstm.py'),

@@ -25,6 +25,10 @@ class AWD_LSTM(FastaiAWD_LSTM):
         "One single-layer LSTM, all of whose hidden-to-hidden weights are dropped."
         return WeightDropout(nn.LSTM(n_in, n_out, 1, batch_first=True, bidirectional=bidir), weight_p)
 
+    def reset(self):
+        "Reset the hidden states, keeping held masks: a text classifier resets at every batch, after `ResampleCallback` drew them."
+        self.hidden = [self._one_hidden(l) for l in range(self.n_layers)]
+
 _model_meta[AWD_LSTM] = {**_model_meta[FastaiAWD_LSTM]}  # same configs, splitters and pretrained weights
 
 # %% ../nbs/30_awdlstm.ipynb #abba4251

@@ -180,7 +180,7 @@ def _check_dl(dl):
 @patch
 def mc_preds(self:Learner,
     dl=None, # `DataLoader` to predict on; `None`: the validation set
-    n:int=20, # Number of mask draws to average over
+    n:int=20, # Number of passes to average over, each with one draw of the masks held for all its calls
     seed:int|None=None, # Seed for repeatable draws; `None`: each module's `generator`
     with_targs:bool=False, # Also return the targets
     **kwargs # Passed on to `Learner.get_preds`
@@ -192,20 +192,20 @@ def mc_preds(self:Learner,
     if dl is None: dl = self.dls[kwargs.pop('ds_idx', 1)]
     if getattr(dl, 'shuffle', False) or getattr(dl, 'drop_last', False): dl = dl.new(shuffle=False, drop_last=False)
     if _is_lm_loader(dl): kwargs.setdefault('reorder', False)
-    saved, preds = [(m.mc_dropout, m.generator) for m in mods], []
+    saved, preds = [(m.mc_dropout, m.generator, m.hold_mask) for m in mods], []
     show = hasattr(self, 'progress')   # fastai's progress callback; `no_bar()` takes it away
     try:
-        for m in mods: m.mc_dropout = True
+        for m in mods: m.mc_dropout = m.hold_mask = True   # one model per pass, however many calls a batch makes
         with self.no_bar():
             for i in (progress_bar(range(n), leave=False) if show else range(n)):
                 for j, m in enumerate(mods):
                     if seed is not None:
                         m.generator = torch.Generator(device=next(m.parameters()).device).manual_seed(mix_seed(seed, i, j))
-                    if m.hold_mask: m.resample()
+                    m.resample()
                 p, targs = self.get_preds(dl=dl, **kwargs)[:2]
                 preds.append(p)
     finally:
-        for m, (mc, gen) in zip(mods, saved): m.mc_dropout, m.generator = mc, gen; m.reset()
+        for m, (mc, gen, hold) in zip(mods, saved): m.mc_dropout, m.generator, m.hold_mask = mc, gen, hold; m.reset()
     preds = torch.stack(preds)
     res = (preds.mean(0), preds.std(0))
     return res + (targs,) if with_targs else res
