@@ -1,21 +1,66 @@
-"""AWD_LSTM and RNNRegularizer: the fastai defects that need a whole language model, pinned one named test each, with
-the upstream issue or thread in its docstring."""
-import copy, io, math, pickle, socket, warnings
+"""AWD_LSTM and RNNRegularizer: a fault inside a language model's layer, and the fastai defects that need a whole
+language model, pinned one named test each, with the upstream issue or thread in its docstring."""
+import socket
 import pytest
 import torch
 from torch import nn
+from fastai.text.models.core import get_language_model
 from weightdrop.awdlstm import AWD_LSTM
-import os, random
-import numpy as np
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch.nn.utils import parameters_to_vector
-from torch.utils._python_dispatch import TorchDispatchMode
-from weightdrop.mutate import mutate_, update_weights_
 
 def _x(*shape, seed=0): return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
-# ---- weight dropout ----
+# ---- behaviour: a fault inside one layer of a language model
+
+class Boom(Exception): pass
+
+def tiny_lm():
+    torch.manual_seed(0)
+    cfg = dict(emb_sz=8, n_hid=12, n_layers=2, pad_token=1, bidir=False, output_p=0.1, hidden_p=0.1, input_p=0.1,
+               embed_p=0.1, weight_p=0.5, tie_weights=True, out_bias=True)
+    return get_language_model(AWD_LSTM, 30, config=cfg)
+
+def raise_in_forward(module, exc):
+    "Make `module`'s next forward raise `exc` after its inputs and (hijacked) weights are in place."
+    def hook(mod, args):
+        handle.remove()
+        raise exc
+    handle = module.register_forward_pre_hook(hook)
+
+def assert_no_graph_on_modules(model):
+    "Between calls, no tensor attribute of any submodule (the hidden state included) keeps an autograd graph alive."
+    for name, m in model.named_modules():
+        for attr, v in vars(m).items():
+            if isinstance(v, torch.Tensor): assert v.grad_fn is None, f'{name}.{attr} keeps a graph alive'
+        for h in getattr(m, 'hidden', None) or []:
+            for t in (h if isinstance(h, (tuple, list)) else [h]): assert t.grad_fn is None
+
+@pytest.mark.parametrize('exc', [Boom('layer 2'), KeyboardInterrupt()], ids=['exception', 'KeyboardInterrupt'])
+def test_fault_in_second_lstm_layer_leaves_the_model_as_it_was(exc):
+    "A fault in the 2nd LSTM of an AWD-LSTM LM, after the 1st ran: weights, hidden state and eval outputs are as before."
+    model = tiny_lm()
+    x = torch.randint(0, 30, (2, 9), generator=torch.Generator().manual_seed(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train(); model(x)[0].sum().backward(); opt.step(); opt.zero_grad()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    hidden = [tuple(h.clone() for h in hs) for hs in model[0].hidden]
+    raise_in_forward(model[0].rnns[1].wrapped(), exc)
+    with pytest.raises(type(exc)): model(x)
+    sd = model.state_dict(keep_vars=True)
+    assert list(sd) == list(before)
+    for k, v in sd.items():
+        assert v.grad_fn is None, f'{k} is a transient tensor with autograd history'
+        assert torch.equal(v.detach(), before[k]), f'{k} changed'
+    assert_no_graph_on_modules(model)
+    assert all(torch.equal(a, b) for hs, gs in zip(model[0].hidden, hidden) for a, b in zip(hs, gs))
+    reference = tiny_lm(); reference.load_state_dict(before)
+    model.eval(); reference.eval(); model.reset(); reference.reset()
+    with torch.no_grad(): assert torch.equal(model(x)[0], reference(x)[0])
+    model.train(); model(x)[0].sum().backward(); opt.step()
+    assert not torch.equal(model[0].rnns[1].weight_hh_l0_raw, before['0.rnns.1.weight_hh_l0_raw'])
+
+# ---- pinned defects
+
+# weight dropout
 # fastai (fastai/text/models/awdlstm.py, fastai/callback/rnn.py). The wrapper's own defects are pinned in
 # tests/test_core.py and tests/test_dropout.py; these need AWD_LSTM or fastai's callbacks.
 
@@ -72,7 +117,7 @@ def test_fastai_2148_ddp_gloo():
     assert all(isinstance(v, list) for v in res.values()), res
     assert res[0] == res[1]   # the replicas stayed identical
 
-# fastai's RNNRegularizer (AR/TAR): weightdrop's `RNNRegularizer` is fastai's with these two defects fixed.
+# fastai's RNNRegularizer (AR/TAR): weightdrop's `RNNRegularizer` is fastai's without these two defects.
 
 def _run_rnn_regularizer(bs, sl, alpha=0., beta=0.):
     from types import SimpleNamespace
@@ -96,7 +141,6 @@ def test_fastai_ar_tar_in_logged_loss():
 def test_fastai_4119_text_learner_keeps_ar_tar():
     "fastai/fastai#4119: `TextLearner` silently dropped AR/TAR for a while. With weightdrop's AWD_LSTM they are there."
     from fastai.text.all import TextLearner, DataLoaders, RNNRegularizer, CrossEntropyLossFlat
-    from fastai.text.models.core import get_language_model
     x = torch.randint(0, 30, (16, 6))
     dls = DataLoaders.from_dsets(list(zip(x[:8], x[:8])), list(zip(x[8:], x[8:])), bs=4)
     model = get_language_model(AWD_LSTM, 30, config=dict(emb_sz=8, n_hid=12, n_layers=2, pad_token=1, hidden_p=0.1,
