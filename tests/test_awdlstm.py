@@ -6,25 +6,17 @@ import torch
 from torch import nn
 from fastai.text.models.core import get_language_model
 from weightdrop.awdlstm import AWD_LSTM
+from hijack_checks import Boom, raise_in_forward
 
 def _x(*shape, seed=0): return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 # ---- behaviour: a fault inside one layer of a language model
-
-class Boom(Exception): pass
 
 def tiny_lm():
     torch.manual_seed(0)
     cfg = dict(emb_sz=8, n_hid=12, n_layers=2, pad_token=1, bidir=False, output_p=0.1, hidden_p=0.1, input_p=0.1,
                embed_p=0.1, weight_p=0.5, tie_weights=True, out_bias=True)
     return get_language_model(AWD_LSTM, 30, config=cfg)
-
-def raise_in_forward(module, exc):
-    "Make `module`'s next forward raise `exc` after its inputs and (hijacked) weights are in place."
-    def hook(mod, args):
-        handle.remove()
-        raise exc
-    handle = module.register_forward_pre_hook(hook)
 
 def assert_no_graph_on_modules(model):
     "Between calls, no tensor attribute of any submodule (the hidden state included) keeps an autograd graph alive."
@@ -130,11 +122,11 @@ def _run_rnn_regularizer(bs, sl, alpha=0., beta=0.):
     return learn
 
 def test_fastai_tar_guard_tests_sequence_length():
-    "ANCHORS (fastai): RNNRegularizer's TAR guard `if len(h)>1` tests the batch size, not the sequence length."
+    "fastai's RNNRegularizer: its TAR guard `if len(h)>1` tests the batch size, not the sequence length."
     assert _run_rnn_regularizer(bs=1, sl=6, beta=1.).loss_grad > 1.   # one sequence of 6 steps: TAR applies
 
 def test_fastai_ar_tar_in_logged_loss():
-    "ANCHORS (fastai): AR/TAR are left out of the logged loss."
+    "fastai's RNNRegularizer leaves AR/TAR out of the logged loss."
     learn = _run_rnn_regularizer(bs=4, sl=6, alpha=2., beta=1.)
     assert torch.equal(learn.loss, learn.loss_grad)
 
