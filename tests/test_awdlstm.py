@@ -56,7 +56,7 @@ def test_fault_in_second_lstm_layer_leaves_the_model_as_it_was(exc):
 # fastai (fastai/text/models/awdlstm.py, fastai/callback/rnn.py). The wrapper's own defects are pinned in
 # tests/test_core.py and tests/test_dropout.py; these need AWD_LSTM or fastai's callbacks.
 
-def test_fastai_1335_1882_1757_mixed_precision_lm_step():
+def test_bf16_autocast_lm_training_step():
     "fastai/fastai#1335, #1882, #1757: fp16 LM/classifier problems. A bf16-autocast AWD_LSTM training step on CPU works."
     torch.manual_seed(0)
     model = AWD_LSTM(50, 8, 12, 2, weight_p=0.5)
@@ -71,9 +71,9 @@ def test_fastai_1335_1882_1757_mixed_precision_lm_step():
         assert r.weight_hh_l0_raw.dtype == torch.float32 and r.weight_hh_l0_raw.grad.dtype == torch.float32
         assert torch.isfinite(r.weight_hh_l0_raw.grad).all() and r.weight_hh_l0_raw.grad.abs().sum() > 0
 
-def test_fastai_2148_every_parameter_gets_a_gradient():
+def test_every_parameter_gets_a_gradient_each_step():
     """fastai/fastai#2148: AWD-LSTM under DDP needed `find_unused_parameters=True`. DDP needs exactly this: every
-    registered parameter takes part in every training step. (The 2-process gloo run is `test_fastai_2148_ddp_gloo`.)"""
+    registered parameter takes part in every training step. (The 2-process gloo run is `test_ddp_without_find_unused_parameters_stays_in_step`.)"""
     model = AWD_LSTM(50, 6, 8, 2, weight_p=0.5)
     model(torch.randint(0, 50, (3, 5))).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -97,7 +97,7 @@ def _ddp_worker(rank, port, q):
     except Exception as e: q.put((rank, repr(e)))
 
 @pytest.mark.distributed
-def test_fastai_2148_ddp_gloo():
+def test_ddp_without_find_unused_parameters_stays_in_step():
     "fastai/fastai#2148: AWD-LSTM under DDP needed `find_unused_parameters=True`; ours trains without it, in step."
     import torch.multiprocessing as mp
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
@@ -121,16 +121,16 @@ def _run_rnn_regularizer(bs, sl, alpha=0., beta=0.):
     cb.after_loss()
     return learn
 
-def test_fastai_tar_guard_tests_sequence_length():
+def test_tar_guard_tests_sequence_length_not_batch_size():
     "fastai's RNNRegularizer: its TAR guard `if len(h)>1` tests the batch size, not the sequence length."
     assert _run_rnn_regularizer(bs=1, sl=6, beta=1.).loss_grad > 1.   # one sequence of 6 steps: TAR applies
 
-def test_fastai_ar_tar_in_logged_loss():
+def test_ar_tar_in_logged_loss():
     "fastai's RNNRegularizer leaves AR/TAR out of the logged loss."
     learn = _run_rnn_regularizer(bs=4, sl=6, alpha=2., beta=1.)
     assert torch.equal(learn.loss, learn.loss_grad)
 
-def test_fastai_4119_text_learner_keeps_ar_tar():
+def test_text_learner_keeps_ar_tar():
     "fastai/fastai#4119: `TextLearner` silently dropped AR/TAR for a while. With weightdrop's AWD_LSTM they are there."
     from fastai.text.all import TextLearner, DataLoaders, RNNRegularizer, CrossEntropyLossFlat
     x = torch.randint(0, 30, (16, 6))
