@@ -1,4 +1,4 @@
-import os, pytest
+import pytest
 
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: long soak or multi-process runs (still run by default)')

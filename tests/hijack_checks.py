@@ -31,6 +31,15 @@ def assert_unchanged(m:nn.Module, snap):
     for k, d in snap['resting'].items():
         assert all(now['resting'][k][a] is t for a, t in d.items())
 
+class Boom(Exception): pass
+
+def raise_in_forward(module, exc):
+    "Make `module`'s next forward raise `exc` after its inputs and (hijacked) weights are in place."
+    def hook(mod, args):
+        handle.remove()
+        raise exc
+    handle = module.register_forward_pre_hook(hook)
+
 def check_error(fn, module, arg, types=(TypeError, ValueError)):
     "`fn()` raises one of `types`, naming `arg` and a fix, and leaves `module` exactly as it was."
     snap = snapshot(module)
@@ -48,4 +57,13 @@ MAKERS = {'lstm': lstm, 'linear': lambda: nn.Linear(3, 4), 'gru_cell': lambda: n
 bad_probs = st.one_of(st.floats(max_value=-1e-9), st.floats(min_value=1.0), st.just(float('nan')), st.just(float('inf')),
                       st.just(1), st.just(-1), st.text(max_size=3), st.none(), st.booleans(), st.just(torch.tensor(0.5)),
                       st.lists(st.floats(0, 0.9), min_size=1, max_size=2), st.just(0.5j))
+def check_bad_argument(make, attr:str, good, v, module=None):
+    "`make(module, attr=v)`, and setting `attr` to `v` later, both fail naming `attr` and change nothing."
+    module = module or lstm
+    m = module()
+    check_error(lambda: make(m, **{attr: v}), m, attr)
+    w = make(module(), **{attr: good})
+    check_error(lambda: setattr(w, attr, v), w, attr)
+    assert getattr(w, attr) == good
+
 bad_choice = st.one_of(st.text(max_size=8), st.none(), st.integers(), st.just(['row']), st.just('ROW'))

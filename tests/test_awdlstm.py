@@ -1,25 +1,62 @@
-"""AWD_LSTM and RNNRegularizer: the fastai defects that need a whole language model, pinned one named test each, with
-the upstream issue or thread in its docstring."""
-import copy, io, math, pickle, socket, warnings
+"""AWD_LSTM and RNNRegularizer: a fault inside a language model's layer, and the fastai defects that need a whole
+language model, pinned one named test each, with the upstream issue or thread in its docstring."""
+import socket
 import pytest
 import torch
 from torch import nn
+from fastai.text.models.core import get_language_model
 from weightdrop.awdlstm import AWD_LSTM
-import os, random
-import numpy as np
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch.nn.utils import parameters_to_vector
-from torch.utils._python_dispatch import TorchDispatchMode
-from weightdrop.mutate import mutate_, update_weights_
+from hijack_checks import Boom, raise_in_forward
 
 def _x(*shape, seed=0): return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
-# ---- weight dropout ----
+# ---- behaviour: a fault inside one layer of a language model
+
+def tiny_lm():
+    torch.manual_seed(0)
+    cfg = dict(emb_sz=8, n_hid=12, n_layers=2, pad_token=1, bidir=False, output_p=0.1, hidden_p=0.1, input_p=0.1,
+               embed_p=0.1, weight_p=0.5, tie_weights=True, out_bias=True)
+    return get_language_model(AWD_LSTM, 30, config=cfg)
+
+def assert_no_graph_on_modules(model):
+    "Between calls, no tensor attribute of any submodule (the hidden state included) keeps an autograd graph alive."
+    for name, m in model.named_modules():
+        for attr, v in vars(m).items():
+            if isinstance(v, torch.Tensor): assert v.grad_fn is None, f'{name}.{attr} keeps a graph alive'
+        for h in getattr(m, 'hidden', None) or []:
+            for t in (h if isinstance(h, (tuple, list)) else [h]): assert t.grad_fn is None
+
+@pytest.mark.parametrize('exc', [Boom('layer 2'), KeyboardInterrupt()], ids=['exception', 'KeyboardInterrupt'])
+def test_fault_in_second_lstm_layer_leaves_the_model_as_it_was(exc):
+    "A fault in the 2nd LSTM of an AWD-LSTM LM, after the 1st ran: weights, hidden state and eval outputs are as before."
+    model = tiny_lm()
+    x = torch.randint(0, 30, (2, 9), generator=torch.Generator().manual_seed(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train(); model(x)[0].sum().backward(); opt.step(); opt.zero_grad()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    hidden = [tuple(h.clone() for h in hs) for hs in model[0].hidden]
+    raise_in_forward(model[0].rnns[1].wrapped(), exc)
+    with pytest.raises(type(exc)): model(x)
+    sd = model.state_dict(keep_vars=True)
+    assert list(sd) == list(before)
+    for k, v in sd.items():
+        assert v.grad_fn is None, f'{k} is a transient tensor with autograd history'
+        assert torch.equal(v.detach(), before[k]), f'{k} changed'
+    assert_no_graph_on_modules(model)
+    assert all(torch.equal(a, b) for hs, gs in zip(model[0].hidden, hidden) for a, b in zip(hs, gs))
+    reference = tiny_lm(); reference.load_state_dict(before)
+    model.eval(); reference.eval(); model.reset(); reference.reset()
+    with torch.no_grad(): assert torch.equal(model(x)[0], reference(x)[0])
+    model.train(); model(x)[0].sum().backward(); opt.step()
+    assert not torch.equal(model[0].rnns[1].weight_hh_l0_raw, before['0.rnns.1.weight_hh_l0_raw'])
+
+# ---- pinned defects
+
+# weight dropout
 # fastai (fastai/text/models/awdlstm.py, fastai/callback/rnn.py). The wrapper's own defects are pinned in
 # tests/test_core.py and tests/test_dropout.py; these need AWD_LSTM or fastai's callbacks.
 
-def test_fastai_1335_1882_1757_mixed_precision_lm_step():
+def test_bf16_autocast_lm_training_step():
     "fastai/fastai#1335, #1882, #1757: fp16 LM/classifier problems. A bf16-autocast AWD_LSTM training step on CPU works."
     torch.manual_seed(0)
     model = AWD_LSTM(50, 8, 12, 2, weight_p=0.5)
@@ -34,9 +71,9 @@ def test_fastai_1335_1882_1757_mixed_precision_lm_step():
         assert r.weight_hh_l0_raw.dtype == torch.float32 and r.weight_hh_l0_raw.grad.dtype == torch.float32
         assert torch.isfinite(r.weight_hh_l0_raw.grad).all() and r.weight_hh_l0_raw.grad.abs().sum() > 0
 
-def test_fastai_2148_every_parameter_gets_a_gradient():
+def test_every_parameter_gets_a_gradient_each_step():
     """fastai/fastai#2148: AWD-LSTM under DDP needed `find_unused_parameters=True`. DDP needs exactly this: every
-    registered parameter takes part in every training step. (The 2-process gloo run is `test_fastai_2148_ddp_gloo`.)"""
+    registered parameter takes part in every training step. (The 2-process gloo run is `test_ddp_without_find_unused_parameters_stays_in_step`.)"""
     model = AWD_LSTM(50, 6, 8, 2, weight_p=0.5)
     model(torch.randint(0, 50, (3, 5))).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -60,7 +97,7 @@ def _ddp_worker(rank, port, q):
     except Exception as e: q.put((rank, repr(e)))
 
 @pytest.mark.distributed
-def test_fastai_2148_ddp_gloo():
+def test_ddp_without_find_unused_parameters_stays_in_step():
     "fastai/fastai#2148: AWD-LSTM under DDP needed `find_unused_parameters=True`; ours trains without it, in step."
     import torch.multiprocessing as mp
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
@@ -72,7 +109,7 @@ def test_fastai_2148_ddp_gloo():
     assert all(isinstance(v, list) for v in res.values()), res
     assert res[0] == res[1]   # the replicas stayed identical
 
-# fastai's RNNRegularizer (AR/TAR): weightdrop's `RNNRegularizer` is fastai's with these two defects fixed.
+# fastai's RNNRegularizer (AR/TAR): weightdrop's `RNNRegularizer` is fastai's without these two defects.
 
 def _run_rnn_regularizer(bs, sl, alpha=0., beta=0.):
     from types import SimpleNamespace
@@ -84,19 +121,18 @@ def _run_rnn_regularizer(bs, sl, alpha=0., beta=0.):
     cb.after_loss()
     return learn
 
-def test_fastai_tar_guard_tests_sequence_length():
-    "ANCHORS (fastai): RNNRegularizer's TAR guard `if len(h)>1` tests the batch size, not the sequence length."
+def test_tar_guard_tests_sequence_length_not_batch_size():
+    "fastai's RNNRegularizer: its TAR guard `if len(h)>1` tests the batch size, not the sequence length."
     assert _run_rnn_regularizer(bs=1, sl=6, beta=1.).loss_grad > 1.   # one sequence of 6 steps: TAR applies
 
-def test_fastai_ar_tar_in_logged_loss():
-    "ANCHORS (fastai): AR/TAR are left out of the logged loss."
+def test_ar_tar_in_logged_loss():
+    "fastai's RNNRegularizer leaves AR/TAR out of the logged loss."
     learn = _run_rnn_regularizer(bs=4, sl=6, alpha=2., beta=1.)
     assert torch.equal(learn.loss, learn.loss_grad)
 
-def test_fastai_4119_text_learner_keeps_ar_tar():
+def test_text_learner_keeps_ar_tar():
     "fastai/fastai#4119: `TextLearner` silently dropped AR/TAR for a while. With weightdrop's AWD_LSTM they are there."
     from fastai.text.all import TextLearner, DataLoaders, RNNRegularizer, CrossEntropyLossFlat
-    from fastai.text.models.core import get_language_model
     x = torch.randint(0, 30, (16, 6))
     dls = DataLoaders.from_dsets(list(zip(x[:8], x[:8])), list(zip(x[8:], x[8:])), bs=4)
     model = get_language_model(AWD_LSTM, 30, config=dict(emb_sz=8, n_hid=12, n_layers=2, pad_token=1, hidden_p=0.1,

@@ -13,7 +13,7 @@ from weightdrop.core import WeightHijacker, is_hijacked
 from weightdrop.dropout import WeightDropout, EmbeddingDropout
 from weightdrop.noise import WeightNoise
 from weightdrop.awdlstm import AWD_LSTM
-from hijack_checks import SETTINGS, x_ as _x, first as _first, snapshot, check_error, lstm, bad_choice
+from hijack_checks import SETTINGS, x_ as _x, first as _first, snapshot, check_error, lstm, Boom, raise_in_forward
 
 class User(nn.Module):
     "A user's own module with submodules and a bare parameter."
@@ -327,15 +327,6 @@ def test_mc_loop_in_inference_mode_between_training_steps(kind):
     assert torch.equal(raw.grad, expected)
 
 # ---- faults inside a call
-
-class Boom(Exception): pass
-
-def raise_in_forward(module, exc):
-    "Make `module`'s next forward raise `exc` after its inputs and (hijacked) weights are in place."
-    def hook(mod, args):
-        handle.remove()
-        raise exc
-    handle = module.register_forward_pre_hook(hook)
 
 def state(model): return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -1,7 +1,6 @@
 """WeightDropout AWD-LSTM language models under DistributedDataParallel: 2 processes, gloo, CPU, started with torchrun.
 
-Issue #6, "Distributed training on an existing engine". The scripts in tests/ddp_scripts/ train; these tests read what
-every rank saved and check it. How to go from one machine to many, as the README says:
+The scripts in tests/ddp_scripts/ train; these tests read what every rank saved and check it. How to go from one machine to many, as the README says:
 
     torchrun --nnodes=2 --nproc_per_node=2 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 tests/ddp_scripts/lm_plain.py OUT
 """
@@ -12,7 +11,7 @@ import pytest, torch
 TESTS = Path(__file__).resolve().parent
 REPO, SCRIPTS = TESTS.parent, TESTS / 'ddp_scripts'
 sys.path.insert(0, str(SCRIPTS))
-from lm_common import make_model, eval_outputs, token_stream, batch  # noqa: E402
+from lm_common import make_model, eval_outputs  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -94,18 +93,23 @@ def test_plain_ddp_shared_masks_identical_across_ranks(runs):
     assert not any(all(torch.equal(a, b) for a, b in zip(p, q)) for p, q in zip(steps, steps[1:]))
     assert_bit_identical(r0['state'], r1['state'])
 
+def assert_loads_single_process(path, expected):
+    "A model built here with another init, loaded from `path`, gives `expected` eval outputs; returns its outputs before loading."
+    model = make_model(seed=12345)                      # different init: everything must come from the checkpoint
+    before = eval_outputs(model)
+    model.load_state_dict(torch.load(path))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(eval_outputs(model), expected)
+    finally: torch.set_num_threads(threads)
+    return before
+
 def test_plain_ddp_checkpoint_loads_single_process(runs):
     "Rank 0's checkpoint, loaded into a model built in this (non-distributed) process, gives the same eval outputs."
     out, (r0, r1) = runs('lm_plain.py')
     assert torch.equal(r0['eval'], r1['eval'])
-    model = make_model(seed=12345)                      # different init: everything must come from the checkpoint
-    before = eval_outputs(model)
-    model.load_state_dict(torch.load(out / 'checkpoint.pt'))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(eval_outputs(model), r0['eval'])
-    finally: torch.set_num_threads(threads)
+    before = assert_loads_single_process(out / 'checkpoint.pt', r0['eval'])
     assert not torch.equal(before, r0['eval'])
 
 # fastai: Learner.distrib_ctx (accelerate on the CPU)
@@ -146,13 +150,7 @@ def test_fastai_ddp_checkpoint_loads_single_process(runs):
     "The checkpoint fastai's `Learner.save` wrote on rank 0 loads into a single-process model with the same eval outputs."
     out, (r0, r1) = runs('lm_fastai.py', '--masks', 'rank')
     assert torch.equal(r0['eval'], r1['eval'])
-    model = make_model(seed=12345)
-    model.load_state_dict(torch.load(out / 'checkpoint.pth'))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(eval_outputs(model), r0['eval'])
-    finally: torch.set_num_threads(threads)
+    assert_loads_single_process(out / 'checkpoint.pth', r0['eval'])
 
 
 # ---- random gates under DDP

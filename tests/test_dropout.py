@@ -7,9 +7,8 @@ import torch
 from torch import nn
 from hypothesis import given, strategies as st
 from weightdrop.dropout import WeightDropout, EmbeddingDropout
-from weightdrop.noise import WeightNoise
 from weightdrop.awdlstm import AWD_LSTM
-from hijack_checks import SETTINGS, x_ as _x, first as _first, check_error, lstm, MAKERS, bad_probs, bad_choice
+from hijack_checks import SETTINGS, x_ as _x, first as _first, check_error, lstm, MAKERS, bad_probs, bad_choice, check_bad_argument
 
 def _sig(p, n, k=6): return k * math.sqrt(p * (1 - p) / n)
 
@@ -89,30 +88,18 @@ def test_scheduled_weight_p_takes_effect_at_the_next_call():
 @SETTINGS
 @given(p=bad_probs, which=st.sampled_from(sorted(MAKERS)))
 def test_bad_weight_p(p, which):
-    m = MAKERS[which]()
-    check_error(lambda: WeightDropout(m, p), m, 'weight_p')
-    wd = WeightDropout(MAKERS[which](), 0.3)
-    check_error(lambda: setattr(wd, 'weight_p', p), wd, 'weight_p')
-    assert wd.weight_p == 0.3
+    check_bad_argument(WeightDropout, 'weight_p', 0.3, p, MAKERS[which])
 
 @SETTINGS
 @given(p=bad_probs)
 def test_bad_embed_p(p):
-    emb = nn.Embedding(6, 3)
-    check_error(lambda: EmbeddingDropout(emb, p), emb, 'embed_p')
-    ed = EmbeddingDropout(nn.Embedding(6, 3), 0.2)
-    check_error(lambda: setattr(ed, 'embed_p', p), ed, 'embed_p')
-    assert ed.embed_p == 0.2
+    check_bad_argument(EmbeddingDropout, 'embed_p', 0.2, p, lambda: nn.Embedding(6, 3))
 
 @SETTINGS
 @given(v=bad_choice)
 def test_bad_per(v):
     if v in ('element', 'row'): v = v + 's'
-    m = lstm()
-    check_error(lambda: WeightDropout(m, 0.5, per=v), m, 'per')
-    wd = WeightDropout(lstm(), 0.5, per='row')
-    check_error(lambda: setattr(wd, 'per', v), wd, 'per')
-    assert wd.per == 'row'
+    check_bad_argument(lambda m, **kw: WeightDropout(m, 0.5, **kw), 'per', 'row', v)
 
 def test_embedding_wrapped_again():
     emb = nn.Embedding(6, 3); ed = EmbeddingDropout(emb, 0.2)

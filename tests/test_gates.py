@@ -1,6 +1,6 @@
 """weightdrop.gates: RandomGate, stochastic_depth, the shape probe, and the off branches' bookkeeping.
 Sections: behaviour, bad input, pinned defects (the anchors' and our own users')."""
-import copy, math, os, random, socket
+import math, os, random, socket
 import numpy as np
 import pytest
 import torch
@@ -8,7 +8,7 @@ from torch import nn
 import torch.distributed as dist
 from hypothesis import given, settings, strategies as st, HealthCheck
 from weightdrop import gates as G
-from weightdrop.gates import RandomGate, clear_off_grads, stochastic_depth, gates
+from weightdrop.gates import RandomGate, clear_off_grads, stochastic_depth
 from weightdrop.dropout import WeightDropout
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,6 +1,6 @@
 """weightdrop.subnet: fix_gates, export_subnet, ChosenBranches, recalibrate_bn.
 Sections: behaviour, bad input, pinned defects."""
-import copy, io
+import copy
 import pytest
 import torch
 from torch import nn
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st, HealthCheck
 from weightdrop import gates as G
 from weightdrop.gates import RandomGate, clear_off_grads, stochastic_depth, gates
-from weightdrop.subnet import fix_gates, export_subnet, recalibrate_bn, resolve_choices, ChosenBranches
+from weightdrop.subnet import fix_gates, export_subnet, recalibrate_bn
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

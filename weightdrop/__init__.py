@@ -43,7 +43,7 @@ __version__ = "0.1.0"
 _modules = ('validate', 'core', 'dropout', 'noise', 'callbacks', 'synth', 'gates', 'subnet', 'gate_callbacks', 'mutate',
             'mutate_callbacks', 'evolution', 'evolution_callbacks', 'awdlstm')
 _api = {   # each module's `__all__`, less the names that are also module names
-    'validate': ('check_flag', 'check_probability', 'check_nonneg', 'check_positive', 'check_count', 'check_choice',
+    'validate': ('check_flag', 'check_probability', 'check_nonneg', 'check_positive', 'check_int', 'check_count', 'check_choice',
                  'check_generator', 'Checked', 'mix_seed'),
     'core': ('RNN_CHUNK_WARNING', 'default_layer_names', 'is_hijacked', 'select_weights', 'quiet_rnn_chunk_warning',
              'Schedulable', 'WeightHijacker'),

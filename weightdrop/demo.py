@@ -4,10 +4,9 @@
 
 # %% ../nbs/31_demo.ipynb #b8858a5d
 from __future__ import annotations
-import argparse, math, random, re, sys, time
+import argparse, math, random, re, time
 from pathlib import Path
 import pandas as pd
-import torch
 from fastai.text.all import (DataBlock, TextBlock, ColReader, RandomSplitter, language_model_learner, Perplexity,
                              set_seed)
 from .awdlstm import AWD_LSTM

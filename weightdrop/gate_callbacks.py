@@ -10,7 +10,7 @@ import pandas as pd
 from fastcore.basics import patch
 from fastai.callback.core import Callback
 from fastai.callback.schedule import LRFinder
-from .gates import RandomGate, gates, EVAL_MODES
+from .gates import gates, EVAL_MODES
 from .subnet import resolve_choices
 from .validate import check_choice, check_count, check_flag, mix_seed
 

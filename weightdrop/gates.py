@@ -10,7 +10,7 @@ from torch import nn
 import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from fastcore.basics import patch
-from .validate import check_choice, check_count, check_flag, check_generator, check_probability, mix_seed
+from .validate import check_choice, check_count, check_flag, check_generator, check_int, check_probability, mix_seed
 
 # %% auto #0
 __all__ = ['COMBINES', 'EVAL_MODES', 'keep_probs', 'check_branches', 'check_branch_probs', 'probe_output', 'combine_outputs',
@@ -44,10 +44,6 @@ def keep_probs(p:list, # Probability of each branch on each draw
 # %% ../nbs/10_gates.ipynb #e27cec4f
 COMBINES = ('cat', 'sum', 'stack')
 EVAL_MODES = ('all', 'fixed', 'expectation')
-
-def _check_int(v, arg:str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int): raise TypeError(f"{arg} must be an int, got {type(v).__name__} {v!r}")
-    return v
 
 def _check_branch_list(branches, combine:str):
     "The branches are modules or `None` (with combine='sum'), at least one a module."
@@ -190,7 +186,7 @@ class RandomGate(nn.Module):
         _check_branch_list(branches, combine)
         n, k = len(branches), check_count(k, 'k')
         if k > n: raise ValueError(f"k={k} is out of range: enable between 1 and the number of branches ({n})")
-        dim, seed = _check_int(dim, 'dim'), _check_int(seed, 'seed')
+        dim, seed = check_int(dim, 'dim'), check_int(seed, 'seed')
         if per_sample and combine in ('cat', 'stack') and dim == 0:
             raise ValueError("per_sample=True scatters rows along dim 0, so combine along another dim: use dim=1")
         if ddp is not None: check_flag(ddp, 'ddp')

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler
-from .validate import Checked, check_choice, check_count
+from .validate import Checked, check_choice, check_count, check_int
 from .mutate import mutate_, mutation_plan, update_weights_, named_tensors, dists
 from .mutate import check_rules, check_rate, check_scale, check_patterns
 
@@ -97,8 +97,6 @@ def _schedule_or(v, # A schedule (a function of the fraction of training done), 
     "Return `v` if it is a schedule, else `check(v, arg)`: a schedule's values are checked when training starts."
     return v if _is_schedule(v) else check(v, arg)
 
-def _check_seed(v, arg:str='seed') -> int|None: return None if v is None else check_count(v, arg, minimum=0)
-
 # %% ../nbs/21_mutate_callbacks.ipynb #89c2f0cd
 # record_hps: the same merge as DropScheduler's (weightdrop.callbacks); one copy of it belongs there
 def record_hps(learn, # The `Learner` whose recorder gets the series
@@ -115,7 +113,7 @@ class MutateCallback(EveryCallback):
     "Apply `mutate_(model, p, strength)` at a safe point of training, with `p` and `strength` optionally scheduled."
     order = ParamScheduler.order + 1   # its after_fit merges into the record ParamScheduler writes
     p, strength = Checked(_schedule_or, check_rate), Checked(_schedule_or, check_scale)
-    dist, seed = Checked(check_choice, dists), Checked(_check_seed)
+    dist, seed = Checked(check_choice, dists), Checked(check_int, minimum=0, optional=True)
     def __init__(self,
         p, # Probability an element changes: number, mapping glob pattern -> number, or schedule pct -> either
         strength, # Scale of the noise: number, mapping glob pattern -> number, or schedule pct -> either

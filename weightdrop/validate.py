@@ -8,8 +8,8 @@ import hashlib, math
 import torch
 
 # %% auto #0
-__all__ = ['check_flag', 'check_probability', 'check_nonneg', 'check_positive', 'check_count', 'check_choice', 'check_generator',
-           'Checked', 'mix_seed']
+__all__ = ['check_flag', 'check_probability', 'check_nonneg', 'check_positive', 'check_int', 'check_count', 'check_choice',
+           'check_generator', 'Checked', 'mix_seed']
 
 # %% ../nbs/00_validate.ipynb #ad48e0b2
 def _number(v, arg:str, want:str, example):
@@ -39,35 +39,49 @@ def check_probability(v, # The value given
                          + ('' if upto_one else ' (1 would drop every weight)'))
     return float(v)
 
+def _above_zero(v, arg:str, example, strict:bool) -> float:
+    "`v` as a float if it is finite and > 0 (`strict`) or >= 0."
+    _number(v, arg, 'a positive float' if strict else 'a non-negative float', example)
+    if not ((v > 0 if strict else v >= 0) and math.isfinite(v)):
+        raise ValueError(f"{arg} must be finite and {'>' if strict else '>='} 0, got {v!r}; pass e.g. {arg}={example}"
+                         + ('' if strict else ' (0 turns it off)'))
+    return float(v)
+
 def check_nonneg(v, # The value given
                  arg:str, # The argument's name, for the message
                  example=0.1, # A value to show in the message
                 ) -> float:
     "Return `v` as a float if it is finite and >= 0."
-    _number(v, arg, 'a non-negative float', example)
-    if not (v >= 0 and math.isfinite(v)):
-        raise ValueError(f"{arg} must be finite and >= 0, got {v!r}; pass e.g. {arg}={example} (0 turns it off)")
-    return float(v)
+    return _above_zero(v, arg, example, strict=False)
 
 def check_positive(v, # The value given
                    arg:str, # The argument's name, for the message
                    example=0.1, # A value to show in the message
                   ) -> float:
     "Return `v` as a float if it is finite and > 0."
-    _number(v, arg, 'a positive float', example)
-    if not (v > 0 and math.isfinite(v)): raise ValueError(f"{arg} must be finite and > 0, got {v!r}; pass e.g. {arg}={example}")
-    return float(v)
+    return _above_zero(v, arg, example, strict=True)
 
 # %% ../nbs/00_validate.ipynb #b339647a
+def check_int(v, # The value given
+              arg:str, # The argument's name, for the message
+              minimum:int|None=None, # The smallest value allowed; `None`: any int
+              optional:bool=False, # Allow `None` too (an unset seed)
+             ) -> int|None:
+    "Return `v` if it is an int (>= `minimum` if given), or `None` with `optional`."
+    if optional and v is None: return v
+    want = 'an int' + ('' if minimum is None else f' >= {minimum}') + (' or None' if optional else '')
+    example = 0 if minimum is None else max(minimum, 2)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{arg} must be {want}, got {type(v).__name__} {v!r}; pass e.g. {arg}={example}")
+    if minimum is not None and v < minimum: raise ValueError(f"{arg} must be >= {minimum}, got {v}; pass e.g. {arg}={example}")
+    return v
+
 def check_count(v, # The value given
                 arg:str, # The argument's name, for the message
                 minimum:int=1, # The smallest count allowed
                ) -> int:
     "Return `v` if it is an int >= `minimum`."
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{arg} must be an int >= {minimum}, got {type(v).__name__} {v!r}; pass e.g. {arg}={max(minimum, 2)}")
-    if v < minimum: raise ValueError(f"{arg} must be >= {minimum}, got {v}; pass e.g. {arg}={max(minimum, 2)}")
-    return v
+    return check_int(v, arg, minimum)
 
 def check_choice(v, # The value given
                  arg:str, # The argument's name, for the message
