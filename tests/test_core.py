@@ -127,7 +127,7 @@ def test_converted_weight_is_shown_at_once(conv):
             _first(w(inp(raws[0].dtype))).sum().backward()
             assert all(r.grad is not None and r.grad.dtype == r.dtype for r in raws)
 
-def test_pytorch_32346_flat_weights_follow_to():
+def test_flat_weights_follow_dtype_and_device_moves():
     "pytorch/pytorch#32346, #32929: a PyTorch release broke weight drop through `_flat_weights`."
     wd = WeightDropout(nn.LSTM(4, 5, num_layers=2), 0.5).double()
     lstm = wd.module
@@ -569,7 +569,7 @@ def test_use_after_unwrap(kind, call):
 
 # ---- pinned defects
 
-def test_fastai_2591_dropped_weight_is_not_a_leaf_parameter_aliasing_raw():
+def test_dropped_weight_is_not_a_leaf_parameter_aliasing_raw():
     "fastai/fastai#2591 (v1): the dropped weight became a leaf Parameter aliasing the raw one."
     wd = WeightDropout(nn.LSTM(4, 5), 0.5)
     wd(_x(3, 2, 4))
@@ -579,7 +579,7 @@ def test_fastai_2591_dropped_weight_is_not_a_leaf_parameter_aliasing_raw():
     names = [n for n, _ in wd.named_parameters()]
     assert 'weight_hh_l0_raw' in names and 'module.weight_hh_l0' not in names
 
-def test_pytorch_38198_optimizer_gets_only_leaves():
+def test_optimizer_gets_only_leaf_parameters():
     "pytorch/pytorch#38198: 'can't optimize a non-leaf Tensor' with fastai's WeightDropout."
     wd = WeightDropout(nn.LSTM(4, 5), 0.5)
     wd(_x(3, 2, 4))   # after a training forward too
@@ -598,7 +598,7 @@ def test_fastai_user_warnings_reach_the_user():
     wd = WeightDropout(_Warns(), 0.5)
     with pytest.warns(UserWarning, match='user-facing warning'): wd(torch.ones(1, 2))
 
-def test_pytorch_40193_flat_weights_kept_in_step_without_recompaction():
+def test_flat_weights_kept_in_step_without_recompaction():
     """pytorch/pytorch#40193, salesforce/awd-lstm-lm#7: cuDNN compacts the non-flat weights on every call
     ("not part of single contiguous chunk of memory"). We keep `_flat_weights` and its weak references in step, so the
     RNN never thinks its weights changed and never re-runs `_init_flat_weights`/`flatten_parameters` per call."""
@@ -611,7 +611,7 @@ def test_pytorch_40193_flat_weights_kept_in_step_without_recompaction():
     assert calls == [] and seen == [(False, True)] * 3
 
 @pytest.mark.gpu
-def test_pytorch_40193_no_chunk_warning_on_cuda():
+def test_no_cudnn_chunk_warning_on_cuda():
     "pytorch/pytorch#40193: the cuDNN non-contiguous warning on every call (CUDA only)."
     wd = WeightDropout(nn.LSTM(4, 5), 0.5).cuda()
     with warnings.catch_warnings(record=True) as caught:
@@ -634,7 +634,7 @@ def test_fastai_jit_trace_and_export_in_eval():
         exported = torch.export.export(wd, (x,))
     with torch.no_grad(): assert torch.equal(exported.module()(x)[0], wd(x)[0])
 
-def test_awd_lstm_lm_114_79_train_eval_train_cycles():
+def test_train_eval_train_cycles():
     "salesforce/awd-lstm-lm#114, #79: TypeError 'cannot assign FloatTensor as parameter weight_hh_l0' on train→eval→train."
     torch.manual_seed(0)
     lstm = nn.LSTM(4, 5); plain = copy.deepcopy(lstm).eval()
@@ -647,14 +647,14 @@ def test_awd_lstm_lm_114_79_train_eval_train_cycles():
         plain.load_state_dict(copy.deepcopy(wd).unwrap().state_dict())
 
 @pytest.mark.gpu
-def test_awd_lstm_lm_119_pytorch_32929_cuda():
+def test_cuda_move_then_forward_keeps_the_lstm_weights():
     "salesforce/awd-lstm-lm#119, pytorch/pytorch#32929: `.cuda()` then forward (no attribute / MatrixRef errors)."
     wd = WeightDropout(nn.LSTM(4, 5, num_layers=2, bidirectional=True), 0.5).cuda()
     out = wd(_x(3, 2, 4).cuda())[0]
     out.sum().backward()
     assert wd.module.weight_hh_l0.is_cuda and wd.weight_hh_l0_raw.grad.is_cuda
 
-def test_awd_lstm_lm_86_flatten_parameters_not_patched():
+def test_flatten_parameters_not_patched():
     "salesforce/awd-lstm-lm#86: replacing `flatten_parameters` with a no-op broke on a PyTorch upgrade."
     wd = WeightDropout(nn.LSTM(4, 5), 0.5)
     assert 'flatten_parameters' not in wd.module.__dict__
@@ -671,7 +671,7 @@ def test_torchnlp_wrapper_registers_child_and_eval_reaches_it():
     assert not wd.module.training
     with torch.no_grad(): assert torch.equal(wd(_x(3, 2, 4))[0], plain(_x(3, 2, 4))[0])
 
-def test_torchnlp_77_data_parallel():
+def test_data_parallel_runs():
     "PetrochukM/PyTorch-NLP#77: DataParallel put the patched forward's arguments on different GPUs (here: DataParallel runs)."
     wd = WeightDropout(nn.LSTM(4, 5), 0.5)
     dp = nn.DataParallel(wd)
@@ -679,7 +679,7 @@ def test_torchnlp_77_data_parallel():
     out.sum().backward()
     assert wd.weight_hh_l0_raw.grad is not None
 
-def test_torchnlp_75_kwargs_reach_module():
+def test_kwargs_reach_the_wrapped_module():
     "PetrochukM/PyTorch-NLP#75: kwargs dropped in the patched forward."
     wd = WeightDropout(nn.LSTM(4, 5), 0.5).eval()
     x, h = _x(3, 2, 4), (_x(1, 2, 5, seed=1), _x(1, 2, 5, seed=2))
@@ -687,7 +687,7 @@ def test_torchnlp_75_kwargs_reach_module():
         assert torch.equal(wd(x, hx=h)[0], wd(x, h)[0])
         assert not torch.equal(wd(x, hx=h)[0], wd(x)[0])
 
-def test_pytorch_65688_rnn_weights_not_frozen():
+def test_optimizer_step_changes_what_the_rnn_computes():
     "pytorch/pytorch#65688: parametrize silently froze RNN weights. An optimizer step changes what the RNN computes with."
     torch.manual_seed(0)
     wd = WeightDropout(nn.LSTM(4, 5), 0.5)

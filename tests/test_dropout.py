@@ -8,7 +8,7 @@ from torch import nn
 from hypothesis import given, strategies as st
 from weightdrop.dropout import WeightDropout, EmbeddingDropout
 from weightdrop.awdlstm import AWD_LSTM
-from hijack_checks import SETTINGS, x_ as _x, first as _first, check_error, lstm, MAKERS, bad_probs, bad_choice, check_bad_argument
+from hijack_checks import SETTINGS, x_ as _x, first as _first, check_error, MAKERS, bad_probs, bad_choice, check_bad_argument
 
 def _sig(p, n, k=6): return k * math.sqrt(p * (1 - p) / n)
 
@@ -139,7 +139,7 @@ def test_fastai_embedding_dropout_eval_scale_never_writes_weights():
     out.sum().backward()
     assert torch.equal(emb.weight.detach(), w0) and emb.weight.grad is not None
 
-def test_fastai2_197_half_masks():
+def test_half_and_bfloat16_masks():
     "fastai/fastai2#197: `bernoulli` not implemented for Half."
     for dt in (torch.float16, torch.bfloat16):
         wd = WeightDropout(nn.Linear(64, 64), 0.5, generator=torch.Generator().manual_seed(0)).to(dt)
@@ -150,7 +150,7 @@ def test_fastai2_197_half_masks():
         assert torch.equal(w[kept], wd.weight_raw.detach()[kept] * 2)
         assert abs((~kept).float().mean().item() - 0.5) < _sig(0.5, w.numel())
 
-def test_awd_lstm_lm_72_variational_mask_not_applied_in_eval():
+def test_variational_mask_not_applied_in_eval():
     "salesforce/awd-lstm-lm#72: the variational (row) mask keeps dropping at eval."
     torch.manual_seed(0)
     lstm = nn.LSTM(4, 5); plain = copy.deepcopy(lstm).eval()

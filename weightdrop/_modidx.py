@@ -49,7 +49,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'weightdrop.callbacks._AfterTraining.remove': ( 'callbacks.html#_aftertraining.remove',
                                                                                       'weightdrop/callbacks.py'),
                                       'weightdrop.callbacks._check_dl': ('callbacks.html#_check_dl', 'weightdrop/callbacks.py'),
-                                      'weightdrop.callbacks._check_seed': ('callbacks.html#_check_seed', 'weightdrop/callbacks.py'),
                                       'weightdrop.callbacks._is_lm_loader': ('callbacks.html#_is_lm_loader', 'weightdrop/callbacks.py'),
                                       'weightdrop.callbacks._schedulable': ('callbacks.html#_schedulable', 'weightdrop/callbacks.py'),
                                       'weightdrop.callbacks.hijackers': ('callbacks.html#hijackers', 'weightdrop/callbacks.py'),

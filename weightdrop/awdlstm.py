@@ -4,7 +4,6 @@
 
 # %% ../nbs/30_awdlstm.ipynb #60755d9f
 from __future__ import annotations
-import torch
 from torch import nn
 from fastai.text.models.awdlstm import AWD_LSTM as FastaiAWD_LSTM
 from fastai.text.models.core import _model_meta

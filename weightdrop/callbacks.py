@@ -15,7 +15,7 @@ from fastai.data.load import DataLoader as FastaiDataLoader
 from fastai.torch_core import rank_distrib
 from fastprogress.fastprogress import progress_bar
 from .core import WeightHijacker
-from .validate import Checked, check_flag, check_count, mix_seed
+from .validate import Checked, check_flag, check_count, check_int, mix_seed
 
 # %% auto #0
 __all__ = ['hijackers', 'ResampleCallback', 'record_hps', 'DropScheduler']
@@ -25,13 +25,6 @@ def hijackers(model:nn.Module # Model to search
              ) -> list: # Every `WeightHijacker` in `model`, in module order
     "The weight-changing modules of `model`."
     return [m for m in model.modules() if isinstance(m, WeightHijacker)]
-
-# %% ../nbs/04_callbacks.ipynb #968979cb
-def _check_seed(v, arg:str='seed') -> int|None:
-    "Return `v` if it is an int or `None`."
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-        raise TypeError(f"{arg} must be an int or None, got {type(v).__name__} {v!r}; pass e.g. {arg}=0")
-    return v
 
 # %% ../nbs/04_callbacks.ipynb #a0c2e310
 class _AfterTraining:
@@ -60,7 +53,7 @@ class ResampleCallback(Callback):
         seed:int|None=None, # Seed the masks from (seed, step) for repeatable runs; `None`: each module's `generator`
         shared_masks:bool=False, # With `seed`, draw the same masks on every distributed rank
     ):
-        self.seed, self.shared_masks = _check_seed(seed), check_flag(shared_masks, 'shared_masks')
+        self.seed, self.shared_masks = check_int(seed, 'seed', optional=True), check_flag(shared_masks, 'shared_masks')
         if shared_masks and seed is None:
             raise ValueError("shared_masks=True needs a seed, so every rank can derive the same masks: pass seed=0")
         self.step, self._saved, self._guard = 0, None, None
@@ -186,7 +179,7 @@ def mc_preds(self:Learner,
     **kwargs # Passed on to `Learner.get_preds`
 ) -> tuple: # (mean, std) of the predictions over the draws, plus the targets with `with_targs`
     "Predictions with the weight masks kept on at inference: their mean and standard deviation over `n` draws."
-    n, seed, dl = check_count(n, 'n', minimum=2), _check_seed(seed), _check_dl(dl)
+    n, seed, dl = check_count(n, 'n', minimum=2), check_int(seed, 'seed', optional=True), _check_dl(dl)
     mods = hijackers(self.model)
     if not mods: raise ValueError("mc_preds: the model has no weight-changing module; wrap a layer in WeightDropout first")
     if dl is None: dl = self.dls[kwargs.pop('ds_idx', 1)]

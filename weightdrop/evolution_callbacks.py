@@ -8,7 +8,7 @@ import torch
 from fastai.callback.core import Callback, CancelBackwardException
 from fastai.torch_core import to_detach
 from fastai.optimizer import Optimizer
-from .evolution import Population, check_population, shapings
+from .evolution import Population, check_population
 
 # %% auto #0
 __all__ = ['EvolutionCallback']
