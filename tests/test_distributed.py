@@ -4,32 +4,17 @@ The scripts in tests/ddp_scripts/ train; these tests read what every rank saved 
 
     torchrun --nnodes=2 --nproc_per_node=2 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 tests/ddp_scripts/lm_plain.py OUT
 """
-import os, socket, subprocess, sys
+import os, sys
 from pathlib import Path
 import pytest, torch
 
 TESTS = Path(__file__).resolve().parent
-REPO, SCRIPTS = TESTS.parent, TESTS / 'ddp_scripts'
+SCRIPTS = TESTS / "ddp_scripts"
 sys.path.insert(0, str(SCRIPTS))
 from lm_common import make_model, eval_outputs  # noqa: E402
+from launch import free_port, torchrun
 
 pytestmark = pytest.mark.distributed
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
-def torchrun(script, out, *args, nproc=2):
-    "Run `script` on `nproc` CPU processes with torchrun; fail with its output if it fails."
-    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]),
-           'OMP_NUM_THREADS': '1'}
-    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_port', str(free_port()),
-           str(SCRIPTS / script), str(out), *args]
-    try: r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{script} {args} timed out after 120 s\n{e.stdout}\n{e.stderr}")
-    if r.returncode != 0: pytest.fail(f"{script} {args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr[-6000:]}")
-    return [torch.load(out / f'rank{i}.pt', weights_only=False) for i in range(nproc)]
 
 def run_once(base, script, *args):
     "Launch each configuration once per test session, even when pytest-xdist spreads the tests over workers."
@@ -38,7 +23,7 @@ def run_once(base, script, *args):
     with FileLock(str(out) + '.lock'):
         if (out / 'done').exists(): return out, [torch.load(out / f'rank{i}.pt', weights_only=False) for i in range(2)]
         out.mkdir(exist_ok=True)
-        res = torchrun(script, out, *args)
+        res = torchrun(SCRIPTS / script, out, *args)
         (out / 'done').touch()
     return out, res
 

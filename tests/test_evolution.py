@@ -11,7 +11,7 @@ TESTS = Path(__file__).resolve().parent
 SCRIPTS = TESTS / 'es_scripts'
 sys.path.insert(0, str(SCRIPTS))
 import es_common  # noqa: E402
-from es_launch import torchrun  # noqa: E402
+from launch import torchrun
 
 def params(m): return [p.detach().clone() for p in m.parameters()]
 def same(a, b): return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
@@ -238,11 +238,11 @@ def test_restoring_by_subtracting_the_noise_is_not_exact():
 
 @pytest.fixture(scope='module')
 def run2(tmp_path_factory):
-    out = tmp_path_factory.mktemp('es_run'); return torchrun('es_run.py', out)
+    out = tmp_path_factory.mktemp('es_run'); return torchrun(SCRIPTS / 'es_run.py', out)
 
 @pytest.fixture(scope='module')
 def run2_fail(tmp_path_factory):
-    out = tmp_path_factory.mktemp('es_fail'); return torchrun('es_run.py', out, '--fail-rank', '1')
+    out = tmp_path_factory.mktemp('es_fail'); return torchrun(SCRIPTS / 'es_run.py', out, '--fail-rank', '1')
 
 @pytest.mark.distributed
 def test_two_ranks_split_members_and_stay_bit_identical(run2):

@@ -8,9 +8,10 @@ from fastai.basics import Learner, DataLoaders, MSELossFlat, set_seed, Callback
 import fastai.callback.all  # noqa: F401  (Learner.no_bar, fit_one_cycle)
 from weightdrop.evolution_callbacks import EvolutionCallback
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / 'es_scripts'))
+SCRIPTS = Path(__file__).resolve().parent / 'es_scripts'
+sys.path.insert(0, str(SCRIPTS))
 import es_fit  # noqa: E402
-from es_launch import torchrun  # noqa: E402
+from launch import torchrun
 
 def synth_dls(n=256, bs=64, seed=0, **kwargs):
     g = torch.Generator().manual_seed(seed)
@@ -96,7 +97,7 @@ def test_fit_then_fit_again_is_one_longer_fit():
 # ---- distributed: 2 processes, gloo, CPU
 
 @pytest.fixture(scope='module')
-def fit2(tmp_path_factory): return torchrun('es_fit.py', tmp_path_factory.mktemp('es_fit'))
+def fit2(tmp_path_factory): return torchrun(SCRIPTS / 'es_fit.py', tmp_path_factory.mktemp('es_fit'))
 
 @pytest.mark.distributed
 def test_two_ranks_fit_bit_identical_to_one_process(fit2):

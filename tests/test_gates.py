@@ -1,6 +1,6 @@
 """weightdrop.gates: RandomGate, stochastic_depth, the shape probe, and the off branches' bookkeeping.
 Sections: behaviour, bad input, pinned defects (the anchors' and our own users')."""
-import math, os, random, socket
+import math, os, random
 import numpy as np
 import pytest
 import torch
@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 from weightdrop import gates as G
 from weightdrop.gates import RandomGate, clear_off_grads, stochastic_depth
 from weightdrop.dropout import WeightDropout
+from launch import free_port
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -340,9 +341,6 @@ def test_bad_eval_override_and_setters_leave_the_gate_as_it_was():
 
 # ---- pinned defects
 
-def _free_port():
-    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
 
 def _choices(global_seed, steps=16):
     "One 'rank': its own global RNG state, a gate built from the same config."
@@ -437,7 +435,7 @@ def test_ddp_find_unused_false_expected_to_have_finished_reduction():
     """pytorch/pytorch#18180, microsoft/nni#1962: a supernet under DDP with find_unused_parameters=False raises
     "Expected to have finished reduction in the prior iteration"; static_graph=True raises "graph has changed".
     With RandomGate both settings train, with no weightdrop-specific call (one process, gloo, world size 1 is enough to reproduce it)."""
-    _ddp_world1(_free_port())
+    _ddp_world1(free_port())
     try:
         hand = nn.parallel.DistributedDataParallel(_HandSwitch())
         with pytest.raises(RuntimeError, match='Expected to have finished reduction'):
