@@ -14,6 +14,7 @@ from weightdrop.dropout import WeightDropout, EmbeddingDropout
 from weightdrop.noise import WeightNoise
 from weightdrop.awdlstm import AWD_LSTM
 from hijack_checks import SETTINGS, x_ as _x, first as _first, snapshot, check_error, lstm, Boom, raise_in_forward
+from capabilities import require_autocast, require_compile, require_export
 
 class User(nn.Module):
     "A user's own module with submodules and a bare parameter."
@@ -140,12 +141,37 @@ def test_autocast_leaves_no_stale_weight():
     torch.manual_seed(0)
     plain = nn.LSTM(3, 4); w = WeightDropout(copy.deepcopy(plain), 0.5)
     x = _x(4, 2, 3)
+    require_autocast(plain, x)   # oneDNN on some CPUs has no bf16 LSTM primitive
     with torch.autocast('cpu', dtype=torch.bfloat16): out = w(x)[0]
     out.float().sum().backward()
     assert w.weight_hh_l0_raw.grad.dtype == torch.float32
     assert w.module.weight_hh_l0.dtype == torch.float32 and not w.module.weight_hh_l0.requires_grad
     w.eval(); plain.eval()
     with torch.no_grad(): assert torch.equal(w(x)[0], plain(x)[0])
+
+@pytest.mark.parametrize('make', [lambda lin: WeightDropout(lin, 0.5, generator=torch.Generator().manual_seed(0)),
+                                  lambda lin: WeightNoise(lin, 0.1, generator=torch.Generator().manual_seed(0))],
+                         ids=['WeightDropout', 'WeightNoise'])
+def test_bf16_autocast_linear_trains_the_fp32_raw_weight(make):
+    """Under bf16 autocast the wrapped layer computes in bf16, the raw weight and its gradient stay fp32, and the
+    gradient is exactly the plain layer's at the same effective weight, passed back through the draw."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8); x = _x(5, 16)
+    require_autocast(lin, x)
+    w = make(copy.deepcopy(lin)); w.hold_mask = True; w.resample()
+    with torch.autocast('cpu', dtype=torch.bfloat16): out = w(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    raw = w.weight_raw
+    assert raw.dtype == raw.grad.dtype == torch.float32 and w.module.weight.dtype == torch.float32
+    draw = w._held['weight']
+    plain = copy.deepcopy(lin)
+    with torch.no_grad(): plain.weight.copy_(w.combine(raw.detach(), draw))
+    with torch.autocast('cpu', dtype=torch.bfloat16): ref = plain(x)
+    assert torch.equal(out, ref)
+    ref.float().sum().backward()
+    expected = plain.weight.grad * draw if isinstance(w, WeightDropout) else plain.weight.grad
+    assert torch.equal(raw.grad, expected) and torch.equal(w.module.bias.grad, plain.bias.grad)
 
 def _roundtrips(m):
     buf = io.BytesIO(); torch.save(m, buf); buf.seek(0)
@@ -221,6 +247,7 @@ def test_torch_compile_keeps_fresh_masks_and_exact_gradients(kind):
     torch.manual_seed(0)
     if kind == 'linear': m, x, name = WeightDropout(nn.Linear(16, 8), 0.5), torch.randint(-3, 4, (5, 16)).float(), 'weight'
     else: m, x, name = WeightDropout(nn.LSTM(4, 6), 0.5), _x(5, 2, 4), 'weight_hh_l0'
+    require_compile(nn.Linear(16, 8) if kind == 'linear' else nn.LSTM(4, 6), x)
     compiled = torch.compile(m, backend='aot_eager', fullgraph=False)
     raw = m.raw_weight(name)
     outs, masks = [], []
@@ -625,6 +652,7 @@ def test_fastai_jit_trace_and_export_in_eval():
     `torch.jit.trace` and `torch.export` give one that matches eager exactly."""
     wd = WeightDropout(nn.LSTM(4, 5, batch_first=True), 0.5).eval()
     x = _x(2, 3, 4)
+    require_export(nn.LSTM(4, 5, batch_first=True), x)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter('ignore')
         traced = torch.jit.trace(wd, (x,))

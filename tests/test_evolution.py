@@ -111,6 +111,7 @@ def test_adam_by_default_on_the_evolved_parameters_and_bf16_weights_stay_bf16():
     "The estimate goes to Adam through .grad; a bf16 model is perturbed, stepped and kept in bf16, and it moves."
     m = mlp().to(torch.bfloat16); before = params(m)
     x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    require_dtype(m, x)
     es = EvolutionStrategy(m, 4, 0.05, 0.01, include='*.weight')
     assert type(es.opt) is torch.optim.Adam and es.opt.param_groups[0]['lr'] == 0.01
     assert es.opt.param_groups[0]['params'] == [m[0].weight, m[2].weight, m[4].weight]

@@ -431,6 +431,7 @@ class _HandSwitch(nn.Module):
     def forward(self, x): self.i += 1; return self.b[self.i % 2](x)
 
 
+@pytest.mark.distributed
 def test_ddp_find_unused_false_expected_to_have_finished_reduction():
     """pytorch/pytorch#18180, microsoft/nni#1962: a supernet under DDP with find_unused_parameters=False raises
     "Expected to have finished reduction in the prior iteration"; static_graph=True raises "graph has changed".
