@@ -9,14 +9,14 @@ from hypothesis import given, strategies as st
 from scipy.stats import chi2, norm
 from weightdrop.core import WeightHijacker
 from weightdrop.noise import WeightNoise
-from weightdrop.flipout import Flipout
+from weightdrop.flipout import Flipout, random_signs
 from hijack_checks import SETTINGS, check_bad_argument, check_error, snapshot, assert_unchanged
 
 ALPHA = 1e-6   # chance that a correct layer fails one statistical test; the generators are seeded, so it never does
 
 def gen(seed=0): return torch.Generator().manual_seed(seed)
 def replay(g): return torch.Generator().set_state(g.get_state())
-def flips(g, *shape, dtype=torch.float64): return torch.randint(0, 2, shape, generator=g).to(dtype) * 2 - 1
+def flips(g, *shape, dtype=torch.float64): return random_signs(shape, g, dtype=dtype)   # its own tests: nbs/08_flipout
 def x_(*shape, seed=1, dtype=torch.float64): return torch.randn(*shape, generator=gen(seed), dtype=dtype)
 
 # every layer kind, with the options a conv can take: (make, input)
@@ -77,7 +77,7 @@ def test_eval_and_zero_std_are_the_plain_layer_bit_for_bit(kind):
 
 @pytest.mark.parametrize('kind', sorted(LAYERS))
 def test_output_is_the_formula_with_the_drawn_delta_and_signs(kind):
-    "The generator draws ΔW, then the input signs, then the output signs; a replay of it gives the formula by hand."
+    "The generator draws ΔW, then the input signs, then the output signs (`random_signs`); a replay gives the formula by hand."
     plain, fl, x = make(kind, std=0.4)
     g = replay(fl.generator)
     y = fl(x)

@@ -50,7 +50,7 @@ _api = {   # each module's `__all__`, less the names that are also module names
              'Schedulable', 'WeightHijacker'),
     'dropout': ('WeightDropout', 'EmbeddingDropout'),
     'noise': ('WeightNoise',),
-    'flipout': ('FLIPOUT_LAYERS', 'Flipout'),
+    'flipout': ('FLIPOUT_LAYERS', 'Flipout', 'random_signs'),
     'callbacks': ('hijackers', 'ResampleCallback', 'record_hps', 'DropScheduler'),
     'synth': ('synth_dls',),
     'gates': ('COMBINES', 'EVAL_MODES', 'keep_probs', 'check_branches', 'check_branch_probs', 'probe_output',

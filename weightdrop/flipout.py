@@ -4,6 +4,7 @@
 
 # %% ../nbs/08_flipout.ipynb #f5eef7c1
 from __future__ import annotations
+import math
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
@@ -12,7 +13,7 @@ from .validate import check_nonneg, check_instance
 from .core import *
 
 # %% auto #0
-__all__ = ['FLIPOUT_LAYERS', 'Flipout']
+__all__ = ['FLIPOUT_LAYERS', 'Flipout', 'random_signs']
 
 # %% ../nbs/08_flipout.ipynb #ea49704b
 FLIPOUT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)   # the layers whose output is linear in the weight
@@ -58,7 +59,7 @@ def _signs(self:Flipout, t:Tensor) -> Tensor:
     if not isinstance(self.wrapped(), nn.Linear):
         ch = t.dim() - self.wrapped().weight.dim() + 1   # the channel dimension: 1 in a batch, 0 for one unbatched example
         shape = t.shape[:ch + 1] + (1,) * (t.dim() - ch - 1)
-    return torch.randint(0, 2, shape, generator=self._generator, device=t.device, dtype=t.dtype).mul_(2).sub_(1)
+    return random_signs(shape, self._generator, t.device, t.dtype)
 
 @patch
 def perturbation(self:Flipout,
@@ -75,3 +76,15 @@ def perturbation(self:Flipout,
 def forward(self:Flipout, x:Tensor) -> Tensor:
     out = super(Flipout, self).forward(x)   # the plain layer on the raw weight: the mean, and every gradient of weight and bias
     return out + self.perturbation(x, self.delta()) if self.is_active() else out
+
+# %% ../nbs/08_flipout.ipynb #c782fa8c
+def random_signs(shape:tuple, # Shape of the result
+                 generator:torch.Generator|None=None, # Source of the bits; `None`: PyTorch's global RNG
+                 device=None, # Device of the result, and of the draws
+                 dtype:torch.dtype=torch.float32, # Dtype of the result
+                ) -> Tensor: # Independent fair ±1 of `shape`
+    "Independent random ±1, unpacked 62 to a word from `int64` draws of `generator`, in order: the lowest bit first."
+    n = math.prod(shape)
+    words = torch.randint(0, 2**62, ((n + 61) // 62, 1), generator=generator, device=device, dtype=torch.int64)
+    bits = (words >> torch.arange(62, device=device)) & 1
+    return bits.flatten()[:n].view(shape).to(dtype).mul_(2).sub_(1)
