@@ -46,11 +46,25 @@ class Flipout(WeightHijacker):
 
     def extra_repr(self): return f"std={self._std}, " + super().extra_repr()
 
+# %% ../nbs/08_flipout.ipynb #c782fa8c
+def random_signs(shape:tuple, # Shape of the result
+                 generator:torch.Generator|None=None, # Source of the bits; `None`: PyTorch's global RNG
+                 device=None, # Device of the result, and of the draws
+                 dtype:torch.dtype=torch.float32, # Dtype of the result
+                ) -> Tensor: # Independent fair ±1 of `shape`
+    "Independent random ±1, unpacked 62 to a word from `int64` draws of `generator`, in order: the lowest bit first."
+    n = math.prod(shape)
+    words = torch.randint(0, 2**62, ((n + 61) // 62, 1), generator=generator, device=device, dtype=torch.int64)
+    bits = (words >> torch.arange(62, device=device)) & 1
+    return bits.flatten()[:n].view(shape).to(dtype).mul_(2).sub_(1)
+
 # %% ../nbs/08_flipout.ipynb #b946eb22
 @patch
 def delta(self:Flipout) -> Tensor:
-    "`ΔW` for this call: the held draw with `hold_mask` or after `resample()`, else a fresh one."
-    return WeightHijacker.effective_weight(self, 'weight', self._raws()[0])   # the core keeps held draws
+    "`ΔW` for this call: the held draw with `hold_mask` or after `resample()`, else a fresh one; zeros when inactive."
+    raw = self._raws()[0]
+    if not self.is_active(): return torch.zeros_like(raw)
+    return WeightHijacker.effective_weight(self, 'weight', raw)   # the core keeps held draws
 
 @patch
 def _signs(self:Flipout, t:Tensor) -> Tensor:
@@ -76,15 +90,3 @@ def perturbation(self:Flipout,
 def forward(self:Flipout, x:Tensor) -> Tensor:
     out = super(Flipout, self).forward(x)   # the plain layer on the raw weight: the mean, and every gradient of weight and bias
     return out + self.perturbation(x, self.delta()) if self.is_active() else out
-
-# %% ../nbs/08_flipout.ipynb #c782fa8c
-def random_signs(shape:tuple, # Shape of the result
-                 generator:torch.Generator|None=None, # Source of the bits; `None`: PyTorch's global RNG
-                 device=None, # Device of the result, and of the draws
-                 dtype:torch.dtype=torch.float32, # Dtype of the result
-                ) -> Tensor: # Independent fair ±1 of `shape`
-    "Independent random ±1, unpacked 62 to a word from `int64` draws of `generator`, in order: the lowest bit first."
-    n = math.prod(shape)
-    words = torch.randint(0, 2**62, ((n + 61) // 62, 1), generator=generator, device=device, dtype=torch.int64)
-    bits = (words >> torch.arange(62, device=device)) & 1
-    return bits.flatten()[:n].view(shape).to(dtype).mul_(2).sub_(1)
