@@ -345,3 +345,19 @@ def test_replacement_layer_checkpoints_vs_the_wrapped_layer():
     fresh = nn.Linear(5, 3)
     fresh.load_state_dict(copy.deepcopy(fl).unwrap().state_dict())   # strict: the plain keys
     fl.eval(); assert torch.equal(fresh(x), fl(x))
+
+def test_seeded_fits_repeat_bit_for_bit():
+    """`ResampleCallback(seed=...)` seeds ΔW; the signs, drawn at every call, come from each module's `generator`
+    (here PyTorch's global RNG, which fastai's `set_seed` seeds): two runs alike end with the same weights."""
+    from fastai.basics import Learner, MSELossFlat
+    from fastai.torch_core import set_seed
+    from weightdrop.callbacks import ResampleCallback
+    from weightdrop.synth import synth_dls
+    def run():
+        set_seed(0)
+        model = nn.Sequential(Flipout(nn.Linear(6, 16), 0.1), nn.ReLU(), Flipout(nn.Linear(16, 1), 0.1))
+        learn = Learner(synth_dls(), model, loss_func=MSELossFlat(), cbs=ResampleCallback(seed=0))
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+        return [p.detach().clone() for p in model.parameters()]
+    a, b = run(), run()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
