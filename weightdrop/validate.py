@@ -9,7 +9,7 @@ import torch
 
 # %% auto #0
 __all__ = ['check_flag', 'check_probability', 'check_nonneg', 'check_positive', 'check_int', 'check_count', 'check_choice',
-           'check_generator', 'Checked', 'mix_seed']
+           'check_generator', 'check_instance', 'Checked', 'mix_seed']
 
 # %% ../nbs/00_validate.ipynb #ad48e0b2
 def _number(v, arg:str, want:str, example):
@@ -99,6 +99,19 @@ def check_generator(v, # The value given
     if v is not None and not isinstance(v, torch.Generator):
         raise TypeError(f"{arg} must be a torch.Generator or None, got {type(v).__name__}; "
                         "use torch.Generator(device).manual_seed(seed)")
+    return v
+
+# %% ../nbs/00_validate.ipynb #2919057d
+def check_instance(v, # The value given
+                   arg:str, # The argument's name, for the message
+                   types:tuple, # The classes allowed
+                   fix:str, # What to do with any other kind, for the message
+                  ):
+    "Return `v` if it is an instance of one of `types`."
+    if not isinstance(v, types):
+        names = [t.__name__ for t in types]
+        want = names[0] if len(names) == 1 else ', '.join(names[:-1]) + ' or ' + names[-1]
+        raise TypeError(f"{arg} must be an instance of {want}, got {type(v).__name__}; {fix}")
     return v
 
 # %% ../nbs/00_validate.ipynb #2242fdec
