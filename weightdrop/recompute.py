@@ -35,7 +35,8 @@ def check_recomputable(module:nn.Module, # The module a hijacker wraps, or is ab
             rnn = isinstance(owner, (nn.RNNBase, nn.RNNCellBase))
             raise TypeError(f"recompute=True can't make {name!r} again in backward: it is {type(owner).__name__}.{attr}"
                             + (", whose fused kernels copy their weights" if rnn else '') + "; recompute supports the "
-                            f"weight and bias of {', '.join(c.__name__ for c in RECOMPUTABLE)}; pass recompute=False, or wrap only those layers")
+                            f"weight and bias of {', '.join(c.__name__ for c in RECOMPUTABLE)}; pass recompute=False, "
+                            "or wrap only those layers")
         if cls is nn.Embedding and owner.max_norm is not None:
             raise ValueError(f"recompute=True can't make {name!r} again in backward: nn.Embedding(max_norm=...) "
                              "renormalises the weight it is given in place; pass recompute=False, or max_norm=None")
@@ -206,7 +207,8 @@ def forward(self:Recompute, *args, **kwargs):
         with saved_tensors_hooks(call.pack, call.unpack): out = super(Recompute, self).forward(*args, **kwargs)
     finally:
         del self.__dict__['_recompute_call']
-        for slot, rec in zip(self._layout().slots, call.weights):   # a module showing the dropped weight would keep it alive
+        for slot, rec in zip(self._layout().slots, call.weights):
+            # a module showing the dropped weight would keep it alive: show the raw one
             if _shares_storage(_resting(slot), rec.weight): _put(slot, rec.raw.detach())
         changed = call.close()
     if changed: raise RuntimeError("the wrapped module changed its dropped weight in place during the call, so it can't be "
