@@ -6,6 +6,7 @@ imports fastai. `from weightdrop.all import *` imports everything at once, as `f
 ```python
 from weightdrop.validate import *
 from weightdrop.core import *
+from weightdrop.recompute import *
 from weightdrop.dropout import *
 from weightdrop.noise import *
 from weightdrop.flipout import *
@@ -22,8 +23,8 @@ from weightdrop.awdlstm import *
 ```
 
 ```python
-from weightdrop import validate, core, dropout, noise, flipout, callbacks, synth, gates as _gates, subnet, gate_callbacks, mutate as _mutate, mutate_callbacks, evolution as _evolution, evolution_callbacks, awdlstm
-__all__ = list(dict.fromkeys(n for m in (validate, core, dropout, noise, flipout, callbacks, synth, _gates, subnet, gate_callbacks, _mutate, mutate_callbacks, _evolution, evolution_callbacks, awdlstm)
+from weightdrop import validate, core, recompute, dropout, noise, flipout, callbacks, synth, gates as _gates, subnet, gate_callbacks, mutate as _mutate, mutate_callbacks, evolution as _evolution, evolution_callbacks, awdlstm
+__all__ = list(dict.fromkeys(n for m in (validate, core, recompute, dropout, noise, flipout, callbacks, synth, _gates, subnet, gate_callbacks, _mutate, mutate_callbacks, _evolution, evolution_callbacks, awdlstm)
                              for n in m.__all__))   # the same order as the star imports above
 ```
 
@@ -41,13 +42,14 @@ import importlib, sys
 
 __version__ = "0.1.0"
 
-_modules = ('validate', 'core', 'dropout', 'noise', 'flipout', 'callbacks', 'synth', 'gates', 'subnet', 'gate_callbacks', 'mutate',
+_modules = ('validate', 'core', 'recompute', 'dropout', 'noise', 'flipout', 'callbacks', 'synth', 'gates', 'subnet', 'gate_callbacks', 'mutate',
             'mutate_callbacks', 'evolution', 'evolution_callbacks', 'awdlstm')
 _api = {   # each module's `__all__`, less the names that are also module names
     'validate': ('check_flag', 'check_probability', 'check_nonneg', 'check_positive', 'check_int', 'check_count', 'check_choice',
                  'check_generator', 'check_instance', 'Checked', 'mix_seed'),
     'core': ('RNN_CHUNK_WARNING', 'default_layer_names', 'is_hijacked', 'select_weights', 'quiet_rnn_chunk_warning',
              'Schedulable', 'WeightHijacker'),
+    'recompute': ('RECOMPUTABLE', 'check_recomputable', 'Recompute'),
     'dropout': ('WeightDropout', 'EmbeddingDropout'),
     'noise': ('WeightNoise',),
     'flipout': ('FLIPOUT_LAYERS', 'Flipout', 'random_signs'),

@@ -10,6 +10,7 @@ from torch import nn, Tensor
 import torch.nn.functional as F
 from .validate import Checked, check_probability, check_choice
 from .core import *
+from .recompute import Recompute
 
 # %% auto #0
 __all__ = ['WeightDropout', 'EmbeddingDropout']
@@ -39,7 +40,7 @@ def _keep_mask(shape, raw:Tensor, keep:float, generator=None) -> Tensor:
     return (mask if raw.dtype == torch.float32 else mask.to(raw.dtype)).div_(keep)
 
 # %% ../nbs/02_dropout.ipynb #d08cf138
-class WeightDropout(WeightHijacker):
+class WeightDropout(Recompute, WeightHijacker):
     "DropConnect: in training, zero each selected weight of `module` with probability `weight_p`, scaling the rest by `1/(1-weight_p)`."
     pers = ('element', 'row')
     weight_p = Schedulable(check_probability)
@@ -51,8 +52,10 @@ class WeightDropout(WeightHijacker):
         per:str='element', # 'element' (DropConnect) or 'row' (drop whole output units)
         hold_mask:bool=False, # Keep one mask until `resample()` instead of a fresh one at every call
         generator:torch.Generator|None=None, # Source of the masks; `None`: PyTorch's global RNG
+        recompute:bool=False, # Keep the generator state instead of the mask and the dropped weight; make them again in backward
     ):
         self.weight_p, self.per = weight_p, per   # checked before the module is touched
+        self._check_recompute(recompute, module, layer_names)
         super().__init__(module, layer_names, hold_mask=hold_mask, generator=generator)
 
     def is_active(self): return (self.training or self._mc_dropout) and self._weight_p > 0
@@ -68,7 +71,8 @@ class WeightDropout(WeightHijacker):
         if raw.is_cuda and self._generator is None: return F.dropout(raw, self._weight_p, training=True)
         return raw * _keep_mask(raw.shape, raw, 1 - self._weight_p, self._generator)
 
-    def extra_repr(self): return f"weight_p={self._weight_p}, per={self._per!r}, " + super().extra_repr()
+    def extra_repr(self):
+        return f"weight_p={self._weight_p}, per={self._per!r}, " + super().extra_repr() + (', recompute=True' if self.recompute else '')
 
 # %% ../nbs/02_dropout.ipynb #f537e32b
 class EmbeddingDropout(WeightHijacker):
