@@ -6,17 +6,14 @@
 from __future__ import annotations
 import torch
 from torch import nn, Tensor
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from fastcore.basics import patch
-from fastai.callback.core import Callback
-from fastai.callback.schedule import LRFinder
-from .validate import Checked, check_probability
+from .validate import check_probability
 from .core import *
 from .dropout import WeightDropout, _keep_mask
-from .callbacks import hijackers
 
 # %% auto #0
-__all__ = ['target_weights', 'Mixout', 'EMATargetCallback', 'mixout_encoder']
+__all__ = ['target_weights', 'Mixout', 'mixout_encoder']
 
 # %% ../nbs/07_mixout.ipynb #8a497dee
 def _plain(source):
@@ -118,31 +115,6 @@ def unwrap(self:Mixout) -> nn.Module:
     module = super(Mixout, self).unwrap()
     for n in self.target_names: del self._buffers[n]
     return module
-
-# %% ../nbs/07_mixout.ipynb #fe25754b
-class EMATargetCallback(Callback):
-    "Keep an exponential moving average of every `Mixout`'s weights over the optimizer steps, and make it their target after each epoch."
-    decay = Checked(check_probability, upto_one=True, example=0.99)
-    def __init__(self, decay:float=0.99): # Weight of the average at each step: `ema = decay*ema + (1-decay)*w`
-        self.decay = decay
-
-    def before_fit(self):
-        self.mixouts = [m for m in hijackers(self.learn.model) if isinstance(m, Mixout)]
-        if not self.mixouts:
-            raise ValueError("EMATargetCallback: the model has no Mixout; wrap a layer in Mixout (or call mixout_encoder) "
-                             "first, or leave the callback out")
-        self.active = not any(isinstance(cb, LRFinder) for cb in self.learn.cbs)   # lr_find restores the model
-        self.weights = [m.raw_weight(n) for m in self.mixouts for n in m.layer_names]
-        self.ema = [w.detach().clone() for w in self.weights]   # each fit averages from its starting weights
-        self.update = get_ema_multi_avg_fn(self.decay)
-
-    def after_step(self):
-        if self.active: self.update(self.ema, [w.detach() for w in self.weights], None)
-
-    def after_epoch(self):
-        if not self.active: return
-        ema = iter(self.ema)
-        for m in self.mixouts: m.set_target({n: next(ema) for n in m.layer_names})
 
 # %% ../nbs/07_mixout.ipynb #148d9df5
 def mixout_encoder(encoder:nn.Module, # A model holding `WeightDropout`s: weightdrop's `AWD_LSTM`, or any
