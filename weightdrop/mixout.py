@@ -72,7 +72,8 @@ class Mixout(WeightHijacker):
         for n, t in zip(self.target_names, targets.values()): self.register_buffer(n, t)
         self._target_of, self._mixing = dict(zip(names, self.target_names)), None
 
-    def target_weight(self, name:str) -> Tensor:
+    def target_weight(self, name:str # A name in `layer_names`
+                     ) -> Tensor:
         "The target weight `name` mixes toward."
         return self._buffers[self._target_of[name]]
 
