@@ -45,7 +45,8 @@ def target_weights(source:nn.Module|dict, # A module shaped like the wrapped one
         raise ValueError(f"{arg} has no weight {missing} (it has {have}); pass the module the wrapped one was copied from "
                          f"(same parameter names), or {arg}=None to mix toward the current weights")
     bad_dtype = {n: t.dtype for n, t in got.items() if not t.is_floating_point()}
-    if bad_dtype: raise TypeError(f"{arg}'s weights {bad_dtype} are not floating point; pass the float weights the model was trained from")
+    if bad_dtype:
+        raise TypeError(f"{arg}'s weights {bad_dtype} are not floating point; pass the float weights the model was trained from")
     bad_shape = {n: (tuple(t.shape), tuple(like[n].shape)) for n, t in got.items() if t.shape != like[n].shape}
     if bad_shape:
         raise ValueError(f"{arg}'s weights have the wrong shapes (target, weight): {bad_shape}; "
