@@ -19,6 +19,7 @@ def test_plain_pytorch_names_import_no_fastai():
     out = fresh("import sys, weightdrop; print('torch' in sys.modules)\n"
                 "from torch import nn\n"
                 "lstm = weightdrop.WeightDropout(nn.LSTM(4, 4), weight_p=0.5); weightdrop.WeightNoise; weightdrop.RandomGate\n"
+                "weightdrop.Mixout(nn.Linear(2, 2), p=0.5); weightdrop.mixout_encoder\n"
                 "weightdrop.mutate_; weightdrop.WeightHijacker; weightdrop.mix_seed\n"
                 "print(sorted(m for m in ('fastai', 'pandas', 'matplotlib') if m in sys.modules))")  # fastcore (for `patch`) is light
     assert out.splitlines() == ['False', '[]']    # a bare `import weightdrop` imports not even torch

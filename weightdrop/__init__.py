@@ -12,6 +12,7 @@ from weightdrop.noise import *
 from weightdrop.flipout import *
 from weightdrop.callbacks import *
 from weightdrop.synth import *
+from weightdrop.mixout import *
 from weightdrop.gates import *
 from weightdrop.subnet import *
 from weightdrop.gate_callbacks import *
@@ -23,8 +24,8 @@ from weightdrop.awdlstm import *
 ```
 
 ```python
-from weightdrop import validate, core, recompute, dropout, noise, flipout, callbacks, synth, gates as _gates, subnet, gate_callbacks, mutate as _mutate, mutate_callbacks, evolution as _evolution, evolution_callbacks, awdlstm
-__all__ = list(dict.fromkeys(n for m in (validate, core, recompute, dropout, noise, flipout, callbacks, synth, _gates, subnet, gate_callbacks, _mutate, mutate_callbacks, _evolution, evolution_callbacks, awdlstm)
+from weightdrop import validate, core, recompute, dropout, noise, flipout, callbacks, synth, mixout, gates as _gates, subnet, gate_callbacks, mutate as _mutate, mutate_callbacks, evolution as _evolution, evolution_callbacks, awdlstm
+__all__ = list(dict.fromkeys(n for m in (validate, core, recompute, dropout, noise, flipout, callbacks, synth, mixout, _gates, subnet, gate_callbacks, _mutate, mutate_callbacks, _evolution, evolution_callbacks, awdlstm)
                              for n in m.__all__))   # the same order as the star imports above
 ```
 
@@ -42,8 +43,8 @@ import importlib, sys
 
 __version__ = "0.1.0"
 
-_modules = ('validate', 'core', 'recompute', 'dropout', 'noise', 'flipout', 'callbacks', 'synth', 'gates', 'subnet', 'gate_callbacks', 'mutate',
-            'mutate_callbacks', 'evolution', 'evolution_callbacks', 'awdlstm')
+_modules = ('validate', 'core', 'recompute', 'dropout', 'noise', 'flipout', 'callbacks', 'synth', 'mixout', 'gates', 'subnet',
+            'gate_callbacks', 'mutate', 'mutate_callbacks', 'evolution', 'evolution_callbacks', 'awdlstm')
 _api = {   # each module's `__all__`, less the names that are also module names
     'validate': ('check_flag', 'check_probability', 'check_nonneg', 'check_positive', 'check_int', 'check_count', 'check_choice',
                  'check_generator', 'check_instance', 'Checked', 'mix_seed'),
@@ -53,8 +54,9 @@ _api = {   # each module's `__all__`, less the names that are also module names
     'dropout': ('WeightDropout', 'EmbeddingDropout'),
     'noise': ('WeightNoise',),
     'flipout': ('FLIPOUT_LAYERS', 'Flipout', 'random_signs'),
-    'callbacks': ('hijackers', 'ResampleCallback', 'record_hps', 'DropScheduler'),
+    'callbacks': ('hijackers', 'ResampleCallback', 'record_hps', 'DropScheduler', 'EMATargetCallback'),
     'synth': ('synth_dls',),
+    'mixout': ('target_weights', 'Mixout', 'mixout_encoder'),
     'gates': ('COMBINES', 'EVAL_MODES', 'keep_probs', 'check_branches', 'check_branch_probs', 'probe_output',
               'combine_outputs', 'RandomGate', 'clear_off_grads', 'stochastic_depth'),
     'subnet': ('resolve_choices', 'fix_gates', 'ChosenBranches', 'export_subnet', 'recalibrate_bn'),

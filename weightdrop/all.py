@@ -19,6 +19,7 @@ from .noise import *
 from .flipout import *
 from .callbacks import *
 from .synth import *
+from .mixout import *
 from .gates import *
 from .subnet import *
 from .gate_callbacks import *
@@ -29,6 +30,6 @@ from .evolution_callbacks import *
 from .awdlstm import *
 
 # %% ../nbs/index.ipynb #1172441e
-from . import validate, core, recompute, dropout, noise, flipout, callbacks, synth, gates as _gates, subnet, gate_callbacks, mutate as _mutate, mutate_callbacks, evolution as _evolution, evolution_callbacks, awdlstm
-__all__ = list(dict.fromkeys(n for m in (validate, core, recompute, dropout, noise, flipout, callbacks, synth, _gates, subnet, gate_callbacks, _mutate, mutate_callbacks, _evolution, evolution_callbacks, awdlstm)
+from . import validate, core, recompute, dropout, noise, flipout, callbacks, synth, mixout, gates as _gates, subnet, gate_callbacks, mutate as _mutate, mutate_callbacks, evolution as _evolution, evolution_callbacks, awdlstm
+__all__ = list(dict.fromkeys(n for m in (validate, core, recompute, dropout, noise, flipout, callbacks, synth, mixout, _gates, subnet, gate_callbacks, _mutate, mutate_callbacks, _evolution, evolution_callbacks, awdlstm)
                              for n in m.__all__))   # the same order as the star imports above

@@ -18,7 +18,7 @@ from .core import WeightHijacker
 from .validate import Checked, check_flag, check_count, check_int, mix_seed
 
 # %% auto #0
-__all__ = ['hijackers', 'ResampleCallback', 'record_hps', 'DropScheduler']
+__all__ = ['hijackers', 'ResampleCallback', 'record_hps', 'DropScheduler', 'EMATargetCallback']
 
 # %% ../nbs/04_callbacks.ipynb #3924a64f
 def hijackers(model:nn.Module # Model to search
@@ -202,3 +202,33 @@ def mc_preds(self:Learner,
     preds = torch.stack(preds)
     res = (preds.mean(0), preds.std(0))
     return res + (targs,) if with_targs else res
+
+# %% ../nbs/07_mixout.ipynb #9d67135f
+from torch.optim.swa_utils import get_ema_multi_avg_fn
+from .validate import check_probability
+from .mixout import Mixout
+
+# %% ../nbs/07_mixout.ipynb #fe25754b
+class EMATargetCallback(Callback):
+    "Keep an exponential moving average of every `Mixout`'s weights over the optimizer steps, and make it their target after each epoch."
+    decay = Checked(check_probability, upto_one=True, example=0.99)
+    def __init__(self, decay:float=0.99): # Weight of the average at each step: `ema = decay*ema + (1-decay)*w`
+        self.decay = decay
+
+    def before_fit(self):
+        self.mixouts = [m for m in hijackers(self.learn.model) if isinstance(m, Mixout)]
+        if not self.mixouts:
+            raise ValueError("EMATargetCallback: the model has no Mixout; wrap a layer in Mixout (or call mixout_encoder) "
+                             "first, or leave the callback out")
+        self.active = not any(isinstance(cb, LRFinder) for cb in self.learn.cbs)   # lr_find restores the model
+        self.weights = [m.raw_weight(n) for m in self.mixouts for n in m.layer_names]
+        self.ema = [w.detach().clone() for w in self.weights]   # each fit averages from its starting weights
+        self.update = get_ema_multi_avg_fn(self.decay)
+
+    def after_step(self):
+        if self.active: self.update(self.ema, [w.detach() for w in self.weights], None)
+
+    def after_epoch(self):
+        if not self.active: return
+        ema = iter(self.ema)
+        for m in self.mixouts: m.set_target({n: next(ema) for n in m.layer_names})
