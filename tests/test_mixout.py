@@ -255,6 +255,54 @@ def test_mixout_encoder_keeps_the_optimizers_parameters():
     mixout_encoder(enc, 0.5)
     assert learn_params(enc) == before
 
+def _saved_bytes(fn, keep):
+    "What `fn`'s graph saves, in bytes, leaving out tensors sharing storage with `keep` (parameters, inputs)."
+    ptrs, n = {t.untyped_storage().data_ptr() for t in keep}, [0]
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in ptrs: n[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): out = fn()
+    return out, n[0]
+
+@pytest.mark.parametrize('hold', [False, True])
+@pytest.mark.parametrize('layer', ['linear', 'conv2d', 'embedding'])
+def test_recompute_gives_the_stored_paths_outputs_and_gradients_and_saves_no_mixed_weight(layer, hold):
+    "With `recompute=True` the graph keeps no mask and no mixed weight; the mask made again in backward gives the same gradients, bit for bit."
+    make, inp = LAYERS[layer]
+    results, saved = [], []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        m = moved(Mixout(make(), 0.5, hold_mask=hold, generator=torch.Generator().manual_seed(3), recompute=recompute))
+        if hold: m.resample()
+        x = inp()
+        if x.is_floating_point(): x.requires_grad_()
+        out, n = _saved_bytes(lambda: m(x), [*m.parameters(), *m.buffers(), *m._held.values(), x])   # a held mask lives on anyway
+        out.pow(2).sum().backward()
+        results.append([out, m.weight_raw.grad] + ([x.grad] if x.requires_grad else []) + [p.grad for p in m.module.parameters()])
+        saved.append(n)
+    for a, b in zip(*results): assert (a is None and b is None) or torch.equal(a, b)
+    w = m.weight_raw.numel() * 4
+    assert saved[1] < w   # recompute keeps nothing weight-sized
+    if not (hold and layer == 'embedding'): assert saved[0] >= w   # the stored path keeps the mixed weight or the mask
+    # (an embedding's backward needs only its indices, and a held mask lives on the wrapper anyway)
+
+def test_recompute_fit_then_fit_ends_where_the_stored_path_does():
+    "A seeded fastai fit, then another, with recomputed masks ends with the stored path's weights and targets, bit for bit."
+    ends = []
+    for recompute in (False, True):
+        learn = learner([ResampleCallback(seed=0)])
+        for m in mixes(learn): m.recompute = recompute
+        quiet_fit(learn, 1); quiet_fit(learn, 1)
+        ends.append({k: v.clone() for k, v in learn.model.state_dict().items()})
+    assert list(ends[0]) == list(ends[1]) and all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
+
+def test_mixout_encoder_keeps_recompute_and_refuses_it_on_lstms():
+    lin = WeightDropout(nn.Linear(4, 4), 0.5, recompute=True)
+    enc = mixout_encoder(nn.Sequential(lin), 0.5)
+    assert isinstance(enc[0], Mixout) and enc[0].recompute
+    lstm = nn.LSTM(3, 4)
+    check_error(lambda: Mixout(lstm, 0.5, recompute=True), lstm, 'recompute')
+
 # ---- bad input
 
 @SETTINGS

@@ -10,6 +10,7 @@ from torch.optim.swa_utils import AveragedModel
 from fastcore.basics import patch
 from .validate import check_probability
 from .core import *
+from .recompute import Recompute
 from .dropout import WeightDropout, _keep_mask
 
 # %% auto #0
@@ -54,7 +55,7 @@ def target_weights(source:nn.Module|dict, # A module shaped like the wrapped one
     return {n: t.detach().to(like[n].device, like[n].dtype, copy=True) for n, t in got.items()}
 
 # %% ../nbs/07_mixout.ipynb #b13c1df9
-class Mixout(WeightHijacker):
+class Mixout(Recompute, WeightHijacker):
     "In training, replace each selected weight of `module` by its `target` with probability `p`, rescaled so the expectation is the weight."
     p = Schedulable(check_probability)
     def __init__(self,
@@ -64,8 +65,10 @@ class Mixout(WeightHijacker):
         target:nn.Module|dict|None=None, # Weights to mix toward, copied: a module with the same names (or its `AveragedModel`); `None`: `module`'s own, now
         hold_mask:bool=False, # Keep one mask until `resample()` instead of a fresh one at every call
         generator:torch.Generator|None=None, # Source of the masks; `None`: PyTorch's global RNG
+        recompute:bool=False, # Keep the generator's state in the graph instead of the mask and the mixed weight, and make them again in backward
     ):
         self.p = p   # every check comes before the module is touched
+        self._check_recompute(recompute, module, layer_names)
         names = select_weights(module, layer_names)
         targets = target_weights(module if target is None else target, {n: module.get_parameter(n) for n in names})
         super().__init__(module, names, hold_mask=hold_mask, generator=generator)
@@ -138,6 +141,7 @@ def mixout_encoder(encoder:nn.Module, # A model holding `WeightDropout`s: weight
                              "model's encoder, learn.model[0]), or target=None")
         targets[n] = like if sources is None else target_weights(sources[n], like, f'target.{n}')
     for n, m in drops:
-        names, hold, gen = m.layer_names, m.hold_mask, m.generator
-        encoder.set_submodule(n, Mixout(m.unwrap(), p, names, target=targets[n], hold_mask=hold, generator=gen))
+        names, hold, gen, rec = m.layer_names, m.hold_mask, m.generator, m.recompute
+        encoder.set_submodule(n, Mixout(m.unwrap(), p, names, target=targets[n], hold_mask=hold, generator=gen,
+                                            recompute=rec))
     return encoder
