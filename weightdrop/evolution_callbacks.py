@@ -8,7 +8,7 @@ import torch
 from fastai.callback.core import Callback, CancelBackwardException
 from fastai.torch_core import to_detach
 from fastai.optimizer import Optimizer
-from .evolution import Population, check_population
+from .evolution import Population, NoiseTable, check_population, check_table
 
 # %% auto #0
 __all__ = ['EvolutionCallback']
@@ -33,10 +33,11 @@ class EvolutionCallback(Callback):
         shaping:str='centered_ranks', # 'centered_ranks', 'zscore' or 'none'
         include=None, # Glob pattern(s) of parameter names to evolve; `None`: all
         exclude=None, # Glob pattern(s) of parameter names to leave alone
+        table:NoiseTable|None=None, # Slice the members' noise from this `NoiseTable`; `None`: draw it
     ):
-        check_population(popsize, sigma, seed, antithetic, shaping)
+        check_population(popsize, sigma, seed, antithetic, shaping); check_table(table)
         self.popsize, self.sigma, self.seed, self.antithetic, self.shaping = popsize, sigma, seed, antithetic, shaping
-        self.include, self.exclude, self.generation, self.fitness = include, exclude, 0, []
+        self.include, self.exclude, self.table, self.generation, self.fitness = include, exclude, table, 0, []
 
     def _opt_state(self) -> dict|None:
         "The optimizer state of the first evolved parameter, where the generation is saved (fastai `Optimizer` only)."
@@ -45,7 +46,7 @@ class EvolutionCallback(Callback):
 
     def before_fit(self):
         self.population = Population(self.learn.model, self.popsize, self.sigma, self.seed, self.antithetic,
-                                     self.shaping, self.include, self.exclude)
+                                     self.shaping, self.include, self.exclude, table=self.table)
         st = self._opt_state()                            # a loaded optimizer's generation, else this callback's
         if st is not None: self.generation = st.get('es_generation', self.generation)
         self.population.generation = self.generation      # a second fit goes on with new seeds
