@@ -88,7 +88,7 @@ class Backup:
 
     @property
     def scratch(self) -> Tensor:
-        "A float32 CPU buffer the size of the largest parameter, to draw one parameter's noise into (made on first use)."
+        "A float32 CPU buffer as large as the largest parameter, to draw one parameter's noise into (made when needed)."
         if self._scratch is None: self._scratch = torch.empty(max(t.numel() for _, t in self.named))
         return self._scratch
 
@@ -376,14 +376,15 @@ class EvolutionStrategy:
                  seed:int=0, # Base seed: member seeds derive from (seed, generation, member)
                  antithetic:bool=True, # Mirrored pairs θ ± σε
                  shaping:str='centered_ranks', # 'centered_ranks', 'zscore' or 'none'
-                 optimizer=None, # Function (params, lr=lr) -> torch.optim.Optimizer; `None`: Adam (fused on CPU and CUDA)
+                 optimizer=None, # Function (params, lr=lr) -> torch.optim.Optimizer; `None`: Adam, fused on CPU/CUDA
                  include=None, # Glob pattern(s) of parameter names to evolve; `None`: all
                  exclude=None, # Glob pattern(s) of parameter names to leave alone
                  group=None, # Process group; `None`: the default one if initialised
                  table:NoiseTable|None=None, # Slice the members' noise from this `NoiseTable`; `None`: draw it
                 ):
         lr = check_positive(lr, 'lr', example=0.01)
-        if optimizer is not None and (not callable(optimizer) or isinstance(optimizer, torch.optim.Optimizer)): raise TypeError(
+        bad_opt = optimizer is not None and (not callable(optimizer) or isinstance(optimizer, torch.optim.Optimizer))
+        if bad_opt: raise TypeError(
             f"optimizer must be a function (params, lr=lr) -> torch.optim.Optimizer such as torch.optim.SGD, got "
             f"{type(optimizer).__name__}: the strategy builds it on the parameters it perturbs")
         self.population = Population(model, popsize, sigma, seed, antithetic, shaping, include, exclude,
