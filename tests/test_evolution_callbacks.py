@@ -1,6 +1,6 @@
 """EvolutionCallback: a fastai Learner trained by an evolution strategy on its own batches, with its own optimizer; on
 2 gloo processes (torchrun), the ranks split each batch's population and end bit-identical."""
-import sys
+import re, sys
 from pathlib import Path
 import pytest, torch
 from torch import nn
@@ -145,3 +145,16 @@ def test_ranks_on_different_batches_all_raise(fit2):
                                          (dict(table='shared'), 'table must be a NoiseTable or None')])
 def test_bad_arguments(kwargs, msg):
     with pytest.raises((TypeError, ValueError), match=msg): EvolutionCallback(**kwargs)
+
+def test_loading_the_state_of_a_run_with_another_table_raises(tmp_path):
+    "The optimizer's state carries the table's size and seed with the generation; a Learner whose callback has another "
+    "table (here none) refuses to go on from it, and its weights stay as loaded."
+    a = Learner(synth_dls(), net(), loss_func=MSELossFlat(), cbs=EvolutionCallback(4, 0.05, table=NoiseTable(2**12, 1)),
+                path=tmp_path)
+    fit_quiet(a, 1, seed=0); a.save('t')
+    b = Learner(synth_dls(), net(), loss_func=MSELossFlat(), cbs=EvolutionCallback(4, 0.05), path=tmp_path); b.load('t')
+    w = b.model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match=re.escape("saved with table=NoiseTable(size=4096, seed=1), this callback has "
+                                                   "table=None: build EvolutionCallback(table=NoiseTable(size=4096, seed=1))")):
+        fit_quiet(b, 1, seed=0)
+    assert torch.equal(b.model[0].weight, w)

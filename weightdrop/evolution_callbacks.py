@@ -23,6 +23,9 @@ def _batch_key(*ts) -> float:
             k += (v * torch.linspace(1., 2., len(v), dtype=torch.float64, device=v.device)).sum().item()
     return k
 
+def _table_key(table:NoiseTable|None) -> tuple: return (0, 0) if table is None else (table.size, table.seed)
+def _describe(key:tuple) -> str: return 'None' if key == (0, 0) else f"NoiseTable(size={key[0]}, seed={key[1]})"
+
 class EvolutionCallback(Callback):
     "Replace the backward with an evolution strategy's gradient estimate on the current batch; the Learner's optimizer steps."
     def __init__(self,
@@ -48,7 +51,12 @@ class EvolutionCallback(Callback):
         self.population = Population(self.learn.model, self.popsize, self.sigma, self.seed, self.antithetic,
                                      self.shaping, self.include, self.exclude, table=self.table)
         st = self._opt_state()                            # a loaded optimizer's generation, else this callback's
-        if st is not None: self.generation = st.get('es_generation', self.generation)
+        if st is not None and 'es_generation' in st:
+            saved, mine = tuple(st.get('es_table', (0, 0))), _table_key(self.table)
+            if saved != mine: raise ValueError(
+                f"the loaded optimizer state was saved with table={_describe(saved)}, this callback has "
+                f"table={_describe(mine)}: build EvolutionCallback(table={_describe(saved)}) as in the run that saved it")
+            self.generation = st['es_generation']
         self.population.generation = self.generation      # a second fit goes on with new seeds
 
     def _member_loss(self, model):
@@ -65,5 +73,5 @@ class EvolutionCallback(Callback):
         self.fitness.append((fitness.mean().item(), fitness.max().item(), fitness.min().item()))
         pop.generation = self.generation = pop.generation + 1
         st = self._opt_state()
-        if st is not None: st['es_generation'] = self.generation
+        if st is not None: st['es_generation'], st['es_table'] = self.generation, _table_key(self.table)
         raise CancelBackwardException
