@@ -9,15 +9,17 @@ In one run:
      `parameters_to_vector` once per generation.
 2. The price of a stream per (seed, parameter name) on the CPU: `param_noise` over every parameter against one
    `torch.randn(n)` from a generator seeded once.
-3. Members per second of a whole generation on 1 and 2 processes (torchrun, gloo) for the three approaches: weightdrop's
-   `EvolutionStrategy.step` all-gathers the fitness only; the two baselines all-reduce the fitness and then each rank's
-   partial gradient estimate. Twice: with a fitness of one forward on a batch of 64 (drawing the noise dominates), and
-   of 1024 (scoring dominates). Bytes each rank sends per generation, counted by wrapping `torch.distributed`'s
-   collectives.
+3. Members per second of a whole generation on 1 and 2 processes (torchrun, gloo) for four approaches: weightdrop's
+   `EvolutionStrategy.step` with drawn noise and with a `NoiseTable` (default size, 2^25 numbers) all-gathers the
+   fitness only; the two baselines all-reduce the fitness and then each rank's partial gradient estimate. All use fused
+   Adam. Twice: with a fitness of one forward on a batch of 64 (the noise dominates), and of 1024 (scoring
+   dominates). Bytes each rank sends per generation, counted by wrapping `torch.distributed`'s collectives. For
+   weightdrop, the milliseconds of a generation spent scoring the rank's members, in the all-gather (with the wait for
+   the slower rank) and in the update (the estimate, then the optimizer's step), from `step`'s statistics.
 4. Memory overhead of a generation: each contender in a fresh process, its peak RSS (VmHWM, reset through
    /proc/self/clear_refs once the model is built) above the resident size at that point, in bytes and in model sizes.
 
-Run: PYTHONPATH=. python benchmarks/bench_evolution.py [--reps 5] [--popsize 16] [--generations 4]
+Run: PYTHONPATH=. python benchmarks/bench_evolution.py [--reps 5] [--popsize 16] [--generations 4] [--scaling-only]
 """
 import argparse, copy, json, os, socket, statistics, subprocess, sys, time
 import torch, torch.distributed as dist
@@ -94,7 +96,7 @@ def per_member_table(reps, popsize):
     print("|---|---:|---:|---:|")
     for r in rows: print(r)
 
-def noise_table(reps):
+def noise_streams(reps):
     from weightdrop.evolution import param_noise
     model = make_model(); named = list(model.named_parameters()); n = sum(p.numel() for _, p in named)
     bufs = {k: torch.empty(p.shape) for k, p in named}
@@ -140,6 +142,8 @@ def baseline_step(kind, model, params, opt, popsize, g, rank, world, score, sigm
     for p, e in zip(params, est.split([p.numel() for p in params])): p.grad = e.view_as(p).clone()
     opt.step(); opt.zero_grad()
 
+def adam(params): return torch.optim.Adam(params, lr=0.01, fused=True)   # what EvolutionStrategy uses by default
+
 def worker(out, popsize, generations, bs):
     sent = []
     def counting(fn, arg):
@@ -151,20 +155,26 @@ def worker(out, popsize, generations, bs):
     for name, arg in (('all_gather_single', 1), ('all_gather_into_tensor', 1), ('all_gather', 1), ('all_reduce', 0),
                       ('broadcast', 0)):
         if hasattr(dist, name): setattr(dist, name, counting(getattr(dist, name), arg))
-    from weightdrop.evolution import EvolutionStrategy
+    from weightdrop.evolution import EvolutionStrategy, NoiseTable
     dist.init_process_group('gloo'); rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    x, res = batch(bs), {}
-    for kind in ('weightdrop', 'deepcopy', 'flat'):
-        model = make_model(); params = list(model.parameters())
-        if kind == 'weightdrop':
-            es = EvolutionStrategy(model, popsize, 0.02, 0.01)
-            step = lambda g: es.step(fitness(x))
+    x, res, table = batch(bs), {}, NoiseTable()       # the table is built once, before any timing
+    for kind in KINDS:
+        model = make_model(); params = list(model.parameters()); split = []
+        if kind.startswith('weightdrop'):
+            es = EvolutionStrategy(model, popsize, 0.02, 0.01, table=table if kind == 'weightdrop_table' else None)
+            opt_time = [0.]
+            def timed(fn=es.opt.step):
+                t = time.perf_counter(); fn(); opt_time[0] = time.perf_counter() - t
+            es.opt.step = timed
+            def step(g):
+                s = es.step(fitness(x))
+                split.append([s['time_evaluate'], s['time_gather'], s['time_update'] - opt_time[0], opt_time[0]])
         else:
-            opt = torch.optim.Adam(params, lr=0.01)
+            opt = adam(params)
             step = lambda g: baseline_step(kind, model, params, opt, popsize, g, rank, world, fitness(x))
         sent.clear(); step(0)                          # warm-up generation, whose collectives are counted
-        per_gen = sum(sent); dist.barrier()
+        per_gen = sum(sent); dist.barrier(); split.clear()
         t0, c0 = time.perf_counter(), time.process_time()
         for g in range(1, generations + 1): step(g)
         cpu = torch.tensor([time.process_time() - c0], dtype=torch.float64)
@@ -172,6 +182,10 @@ def worker(out, popsize, generations, bs):
         dist.all_reduce(cpu, op=dist.ReduceOp.MAX)     # the busiest rank's CPU time: what a core per rank would take
         res[kind] = dict(members_per_s=popsize * generations / wall, bytes_per_gen=per_gen,
                          members_per_cpu_s=popsize * generations / cpu.item())
+        if split:                                      # seconds per generation, averaged over generations and ranks
+            ms = torch.tensor(split, dtype=torch.float64).mean(0)
+            if world > 1: dist.all_reduce(ms)
+            res[kind]['split_ms'] = (ms / world * 1e3).tolist()
     if rank == 0:
         json.dump(dict(world=world, n_params=sum(p.numel() for p in make_model().parameters()), **res), open(out, 'w'))
     dist.barrier(); dist.destroy_process_group()
@@ -188,8 +202,10 @@ def run_workers(nproc, popsize, generations, bs, tmp):
                     str(generations), '--batch', str(bs)], env=env, check=True, capture_output=True)
     return json.load(open(out))
 
-LABELS = dict(weightdrop='weightdrop `EvolutionStrategy.step`', deepcopy='deepcopy + perturb per member',
-              flat='flat vector per member (EvoTorch-style)')
+KINDS = ('weightdrop', 'weightdrop_table', 'deepcopy', 'flat')
+LABELS = dict(weightdrop='weightdrop `EvolutionStrategy.step`, drawn noise',
+              weightdrop_table='weightdrop `EvolutionStrategy.step`, `NoiseTable`',
+              deepcopy='deepcopy + perturb per member', flat='flat vector per member (EvoTorch-style)')
 
 def scaling_table(popsize, generations, bs):
     import tempfile
@@ -201,15 +217,24 @@ def scaling_table(popsize, generations, bs):
           f"{os.getloadavg()[0]:.1f} at the end\n")
     print("Members/s: wall clock; in brackets, members per CPU-second of the busiest rank, the rate with a free core "
           "per rank.\n")
-    print("| approach | members/s, 1 process | members/s, 2 processes | speed-up | vs weightdrop, 2 processes | "
+    print("| approach | members/s, 1 process | members/s, 2 processes | speed-up | vs weightdrop drawn, 2 processes | "
           "bytes sent per rank per generation (2 processes) | in parameters' float32 bytes |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for k in ('weightdrop', 'deepcopy', 'flat'):
+    for k in KINDS:
         a, b, w = (r[k]['members_per_s'] for r in (one, two, {k: two['weightdrop']}))
         ac, bc, wc = (r[k]['members_per_cpu_s'] for r in (one, two, {k: two['weightdrop']}))
         sent = two[k]['bytes_per_gen']
         print(f"| {LABELS[k]} | {a:.1f} ({ac:.1f}) | {b:.1f} ({bc:.1f}) | {b / a:.2f}x ({bc / ac:.2f}x) | "
               f"{b / w:.2f}x ({bc / wc:.2f}x) | {sent:,} | {sent / (4 * n):.2g} |")
+    print(f"\nA weightdrop generation, split (ms per generation, mean over generations and ranks; the all-gather includes "
+          f"the wait for the slower rank):\n")
+    print("| noise | processes | evaluate | all-gather | update: estimate | update: Adam step | update, share of the generation |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for k in ('weightdrop', 'weightdrop_table'):
+        for r in (one, two):
+            ev, ga, est, opt = r[k]['split_ms']
+            print(f"| {'drawn' if k == 'weightdrop' else 'table'} | {r['world']} | {ev:.0f} | {ga:.0f} | {est:.0f} | "
+                  f"{opt:.0f} | {(est + opt) / (ev + ga + est + opt):.0%} |")
 
 # ---- memory overhead, each contender in a fresh process
 
@@ -237,6 +262,9 @@ def mem_worker(kind, popsize):
             score(model); bk.restore_()
     elif kind == 'es_step':
         EvolutionStrategy(model, popsize, 0.02, 0.01, optimizer=torch.optim.SGD).step(score)
+    elif kind == 'es_step_table':
+        from weightdrop.evolution import NoiseTable
+        EvolutionStrategy(model, popsize, 0.02, 0.01, optimizer=torch.optim.SGD, table=NoiseTable()).step(score)
     elif kind == 'deepcopy':
         for s in range(popsize): deepcopy_member(model, s, score)
     elif kind == 'flat':
@@ -253,6 +281,7 @@ def mem_worker(kind, popsize):
 def memory_table(popsize):
     kinds = [('weightdrop `perturb_` + `restore_`, one `Backup` for the generation', 'perturbed'),
              ('weightdrop `EvolutionStrategy.step` (members + estimate + SGD step)', 'es_step'),
+             ('the same with the default `NoiseTable` (2^25 float32 numbers, 128 MiB, built in the generation)', 'es_step_table'),
              ('deepcopy + perturb per member, one at a time', 'deepcopy'),
              ('flat vector per member, one at a time', 'flat'),
              ('flat vector, population matrix (EvoTorch)', 'flat_population')]
@@ -277,17 +306,19 @@ def main():
     ap.add_argument('--generations', type=int, default=4)
     ap.add_argument('--batch', type=int, default=BATCH, help='worker: fitness batch size')
     ap.add_argument('--worker'); ap.add_argument('--mem')
+    ap.add_argument('--scaling-only', action='store_true', help='only the 1- and 2-process tables')
     a = ap.parse_args()
     if a.worker: return worker(a.worker, a.popsize, a.generations, a.batch)
     if a.mem: return mem_worker(a.mem, a.popsize)
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, CPU\n")
-    per_member_table(a.reps, a.popsize)
-    noise_table(a.reps)
+    print(f"torch {torch.__version__}, CPU, load average {os.getloadavg()[0]:.1f} at the start\n")
+    if not a.scaling_only:
+        per_member_table(a.reps, a.popsize)
+        noise_streams(a.reps)
     print("\nThe two baselines below all-reduce the fitness and then each rank's partial gradient estimate, as a "
           "data-parallel ES does;\nweightdrop all-gathers the fitness only and every rank rebuilds the whole estimate "
-          "from the seeds.")
+          "from the seeds, redrawing the noise or slicing a NoiseTable.")
     for bs in (BATCH, 16 * BATCH): scaling_table(a.popsize, a.generations, bs)
-    memory_table(a.popsize)
+    if not a.scaling_only: memory_table(a.popsize)
 
 if __name__ == '__main__': main()

@@ -7,7 +7,7 @@
 import argparse, os, sys, time
 import torch, torch.distributed as dist
 from torch import nn
-from weightdrop.evolution import EvolutionStrategy
+from weightdrop.evolution import EvolutionStrategy, NoiseTable
 
 def cartpole_steps(policy, x0, max_steps=200):
     "How many steps `policy` balances the pole in each episode started from the rows of `x0`, all episodes at once."
@@ -29,6 +29,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--generations', type=int, default=20); p.add_argument('--popsize', type=int, default=16)
     p.add_argument('--episodes', type=int, default=64); p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--table', type=int, default=0, help="slice the noise from a NoiseTable of this many numbers; 0: draw it")
     args = p.parse_args()
     if 'RANK' in os.environ: dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -36,7 +37,8 @@ def main():
     torch.manual_seed(args.seed)
     policy = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
     x0 = (torch.rand(args.episodes, 4, generator=torch.Generator().manual_seed(args.seed)) - 0.5) * 0.1
-    es = EvolutionStrategy(policy, args.popsize, sigma=0.1, lr=0.05, seed=args.seed)
+    table = NoiseTable(args.table, seed=args.seed) if args.table else None
+    es = EvolutionStrategy(policy, args.popsize, sigma=0.1, lr=0.05, seed=args.seed, table=table)
     t0 = time.perf_counter()
     for _ in range(args.generations):
         st = es.step(lambda m: cartpole_steps(m, x0).mean().item())

@@ -1,10 +1,12 @@
-"""Evolution strategies: seed-defined perturbations restored bit for bit, OpenAI-ES steps, and populations split over
-2 gloo processes (started with torchrun) that exchange only fitness values."""
-import copy, math, sys
+"""Evolution strategies: seed-defined perturbations restored bit for bit, drawn or sliced from a shared noise table,
+OpenAI-ES steps, and populations split over ranks (simulated in one process, and 2 gloo processes started with
+torchrun) that exchange only fitness values."""
+import copy, math, re, sys
 from pathlib import Path
 import pytest, torch
 from torch import nn
 from weightdrop.evolution import *
+from weightdrop.evolution import _block, _score, _read_blocks
 from weightdrop.validate import mix_seed
 
 TESTS = Path(__file__).resolve().parent
@@ -71,19 +73,29 @@ def test_include_exclude_choose_what_moves():
         moved = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
     assert moved == {'0.weight', '2.weight'}
 
-def test_es_step_matches_the_openai_es_formula():
-    "One SGD(lr) step moves θ by lr/(nσ) Σ w_i ε_i with centered ranks, ε drawn here independently of the strategy."
+TABLE = NoiseTable(2**16, seed=7)
+
+def table_slice(seed, name, p):
+    "A parameter's noise from TABLE by the definition: the slice at mix_seed(seed, 'offset', name) mod (size - numel + 1)."
+    o = mix_seed(seed, 'offset', name) % (TABLE.size - p.numel() + 1)
+    return TABLE.noise[o:o + p.numel()].view(p.shape)
+
+def drawn(seed, name, p): return torch.randn(p.shape, generator=torch.Generator().manual_seed(mix_seed(seed, name)))
+
+@pytest.mark.parametrize('table, noise_of', [(None, drawn), (TABLE, table_slice)], ids=['drawn', 'table'])
+def test_es_step_matches_the_openai_es_formula(table, noise_of):
+    "One SGD(lr) step moves θ by lr/(nσ) Σ w_i ε_i with centered ranks, ε made here independently of the strategy: "
+    "drawn from mix_seed(seed, name), or TABLE's slice at that seed and name's offset."
     net, ref = mlp(), mlp()
     x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
     def fit(m): return -m(x).pow(2).mean().item()
     n, sigma, lr, seed = 8, 0.1, 0.5, 3
-    es = EvolutionStrategy(net, n, sigma, lr, seed=seed, optimizer=torch.optim.SGD)
+    es = EvolutionStrategy(net, n, sigma, lr, seed=seed, optimizer=torch.optim.SGD, table=table)
     es.step(fit)
     noise = []
-    for i in range(n):   # expected: members 2k, 2k+1 are θ ± σ ε_k, ε_k from mix_seed(mix_seed(seed, 0, k), name)
+    for i in range(n):   # expected: members 2k, 2k+1 are θ ± σ ε_k, ε_k from the seed mix_seed(seed, 0, k) and the name
         s = mix_seed(seed, 0, i // 2)
-        noise.append({k: torch.randn(p.shape, generator=torch.Generator().manual_seed(mix_seed(s, k))) * (-1) ** i
-                      for k, p in ref.named_parameters()})
+        noise.append({k: noise_of(s, k, p) * (-1) ** i for k, p in ref.named_parameters()})
     fits = []
     for e in noise:
         m = copy.deepcopy(ref)
@@ -149,6 +161,63 @@ def test_failed_member_leaves_weights_and_generation():
     es.step(lambda m: 0.)
     assert es.generation == 1
 
+def test_table_slices_are_views_and_perturb_like_drawn_noise():
+    "A member's noise is a view of the table (no copy, no generator); perturbing adds it (bf16: in float32, rounded "
+    "once), mirroring subtracts it, and the weights come back exact."
+    net = mlp(); before = params(net)
+    for n, p in net.named_parameters():
+        e = TABLE.slice(p, 4, n)
+        assert torch.equal(e, table_slice(4, n, p)) and e.data_ptr() == TABLE.noise.data_ptr() + 4 * TABLE.offset(4, n, p.numel())
+    with perturbed(net, 4, 0.1, mirror=True, table=TABLE):
+        for (n, p), b in zip(net.named_parameters(), before):
+            assert torch.equal(p, b.add(table_slice(4, n, p), alpha=-0.1))
+    assert same(params(net), before)
+    lin = nn.Linear(64, 64, bias=False).to(torch.bfloat16); w = lin.weight.detach().clone()
+    with perturbed(lin, 2, 0.01, table=TABLE):
+        assert torch.equal(lin.weight, w.float().add(table_slice(2, 'weight', w), alpha=0.01).to(torch.bfloat16))
+    assert torch.equal(lin.weight, w)
+
+def test_table_is_its_seed_and_size_in_pickles_and_checkpoints():
+    "A checkpoint and a pickle carry the table's size and seed, never its numbers; resuming rebuilds the same table."
+    import io, pickle
+    es = EvolutionStrategy(mlp(), 4, 0.1, 0.1, table=TABLE)
+    es.step(lambda m: m[0].weight.sum().item())
+    buf = io.BytesIO(); torch.save(es.state_dict(), buf)
+    assert es.state_dict()['population']['table'] == dict(size=2**16, seed=7)
+    assert buf.tell() < 4 * TABLE.size / 4                               # the Adam state of 434 weights, not 2^16 numbers
+    assert len(pickle.dumps(TABLE)) < 200 and torch.equal(pickle.loads(pickle.dumps(TABLE)).noise, TABLE.noise)
+    assert copy.deepcopy(TABLE) is TABLE
+
+def simulated_step(es, fitness_fn, world):
+    "One `es.step` as `world` ranks take it, in this process: each rank's block filled in turn, the all-gather a "
+    "concatenation; return the bytes each rank sends."
+    pop, blocks = es.population, []
+    pop.world = world
+    try:
+        for pop.rank in range(world):
+            block = _block(pop, 0.); _score(pop, fitness_fn, block); blocks.append(block)
+        fitness = _read_blocks(pop, torch.stack(blocks), None)
+    finally: pop.rank, pop.world = 0, 1
+    pop.set_grad_(fitness); es.opt.step(); es.opt.zero_grad(); pop.generation += 1
+    return blocks[0].nbytes
+
+@pytest.mark.parametrize('table', [None, TABLE], ids=['drawn', 'table'])
+def test_8_and_64_simulated_ranks_end_bit_identical_to_one(table):
+    "The arithmetic of a generation split over 8 and 64 ranks, run in one process, ends where one process ends, and "
+    "each rank sends 8 × (6 + 2 × its members) bytes: O(population), whatever the model's size."
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
+    def fit(m): return -m(x).pow(2).mean().item()
+    one = mlp(); es = EvolutionStrategy(one, 128, 0.05, 0.01, seed=5, table=table)
+    for _ in range(3): es.step(fit)
+    for world in (8, 64):
+        net = mlp(); es = EvolutionStrategy(net, 128, 0.05, 0.01, seed=5, table=table)
+        sent = [simulated_step(es, fit, world) for _ in range(3)]
+        assert same(params(net), params(one)), world
+        members = 128 // world                                     # 64 pairs dealt round-robin
+        assert sent == [8 * (6 + 2 * members)] * 3
+        print(f"{'table' if table else 'drawn'}, {world} ranks: {sent[0]} bytes per rank per generation, "
+              f"{world * sent[0]:,} gathered by each rank")
+
 # ---- bad input
 
 @pytest.mark.parametrize('kwargs, msg', [
@@ -164,6 +233,8 @@ def test_failed_member_leaves_weights_and_generation():
     (dict(include='fc.*'), "include: pattern(s) ['fc.*'] match no parameter"),
     (dict(optimizer=torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=1.)), 'optimizer must be a function (params, lr=lr)'),
     (dict(optimizer=lambda ps, lr: None), 'must return a torch.optim.Optimizer'),
+    (dict(table=2**20), 'table must be a NoiseTable or None, got int'),
+    (dict(table=NoiseTable(64)), "table has 64 numbers, fewer than parameter '2.weight' (256 elements): pass table=NoiseTable(size=4096)"),
 ])
 def test_bad_arguments_name_the_fix_and_change_nothing(kwargs, msg):
     net = mlp(); before = params(net)
@@ -171,6 +242,34 @@ def test_bad_arguments_name_the_fix_and_change_nothing(kwargs, msg):
     with pytest.raises((ValueError, TypeError)) as e: EvolutionStrategy(net, **args)
     assert msg in str(e.value)
     assert same(params(net), before)
+
+@pytest.mark.parametrize('kwargs, err, msg', [
+    (dict(size=0), ValueError, 'size must be >= 2'), (dict(size=2.0**20), TypeError, 'size must be an int >= 2'),
+    (dict(size=True), TypeError, 'size must be an int >= 2'), (dict(seed=-1), ValueError, 'seed must be >= 0'),
+    (dict(seed='3'), TypeError, 'seed must be an int >= 0')])
+def test_bad_table_size_or_seed(kwargs, err, msg):
+    with pytest.raises(err, match=msg): NoiseTable(**kwargs)
+
+def test_ranks_with_different_tables_all_raise():
+    "A table of another seed or size, or none, on one rank: the gathered header differs, and every rank (each reads "
+    "the same gathered blocks) raises naming the tables, before any weight changes."
+    a = Population(mlp(), 4, 0.1, table=TABLE)
+    for other, row in ((Population(mlp(), 4, 0.1, table=NoiseTable(2**16, seed=8)), [65536, 8]),
+                       (Population(mlp(), 4, 0.1, table=NoiseTable(2**15, seed=7)), [32768, 7]),
+                       (Population(mlp(), 4, 0.1), [0, 0])):
+        blocks = torch.stack([_block(a, 0.), _block(other, 0.)])
+        for pop in (a, other):
+            with pytest.raises(RuntimeError, match=re.escape(f"ranks disagree on the noise table (size, seed mod 2^52; "
+                                                             f"0, 0 for none): [[65536, 7], {row}]")):
+                _read_blocks(pop, blocks, None)
+
+def test_a_checkpoint_of_another_table_is_refused():
+    es = EvolutionStrategy(mlp(), 4, 0.1, 0.1, table=TABLE); sd = copy.deepcopy(es.state_dict())
+    for table, msg in ((None, "this population table=None: build it with table=NoiseTable(size=65536, seed=7)"),
+                       (NoiseTable(2**16, 1), "this population table={'size': 65536, 'seed': 1}")):
+        other = EvolutionStrategy(mlp(), 4, 0.1, 0.1, table=table)
+        with pytest.raises(ValueError, match=re.escape(msg)): other.load_state_dict(sd)
+        assert other.generation == 0
 
 def test_evaluate_key_must_be_a_finite_number():
     pop = Population(mlp(), 4, 0.1)
@@ -271,10 +370,10 @@ def test_two_ranks_end_where_one_process_ends(run2):
 
 @pytest.mark.distributed
 def test_one_small_all_gather_per_generation(run2):
-    "Per generation, each rank sends one all-gather of 4 + 2 * (members per rank, padded) numbers: O(popsize), "
+    "Per generation, each rank sends one all-gather of 6 + 2 * (members per rank, padded) numbers: O(popsize), "
     "the same for a model with 30 times the parameters. Only construction broadcasts the weights, once."
     r0, r1 = run2
-    per_rank = 4 + 2 * 4          # a 4-number header; 3 pairs over 2 ranks: 2 pairs (4 slots) per rank, padded
+    per_rank = 6 + 2 * 4          # a 6-number header; 3 pairs over 2 ranks: 2 pairs (4 slots) per rank, padded
     for r in (r0, r1):
         assert len(r['per_generation']) == es_common.GENERATIONS
         for calls in r['per_generation']:
@@ -292,3 +391,32 @@ def test_a_rank_that_raises_makes_every_rank_raise(run2_fail, run2):
     for r in (r0, r1): assert 'fitness_fn raised for member 3 of generation 1 on rank 1' in r['errors'][0]
     assert "ValueError('episode diverged')" in r1['errors'][0] and "that rank's traceback" in r0['errors'][0]
     assert all(torch.equal(r0['state'][k], run2[0]['state'][k]) for k in r0['state'])
+
+@pytest.fixture(scope='module')
+def run2_table(tmp_path_factory):
+    out = tmp_path_factory.mktemp('es_table'); return torchrun(SCRIPTS / 'es_run.py', out, '--table')
+
+@pytest.mark.distributed
+def test_table_two_ranks_end_where_one_process_ends(run2_table, run2):
+    "With a NoiseTable, rank 1 built from another seed: both ranks end bit for bit where one process ends, having sent "
+    "the same one all-gather per generation as with drawn noise; another noise, so other weights than the drawn run."
+    r0, r1 = run2_table
+    model = es_common.make_model(seed=0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        es = EvolutionStrategy(model, es_common.POPSIZE, es_common.SIGMA, es_common.LR, seed=es_common.SEED,
+                               table=NoiseTable(es_common.TABLE_SIZE, es_common.TABLE_SEED))
+        stats = [es.step(es_common.neg_mse) for _ in range(es_common.GENERATIONS)]
+    finally: torch.set_num_threads(threads)
+    sd = es_common.state(model)
+    for r in (r0, r1):
+        assert all(torch.equal(sd[k], r['state'][k]) for k in sd)
+        assert [s['mean'] for s in stats] == [s['mean'] for s in r['stats']]
+        assert r['per_generation'] == run2[0]['per_generation'] and r['calls_big'] == run2[0]['calls_big']
+    assert any(not torch.equal(sd[k], run2[0]['state'][k]) for k in sd)
+
+@pytest.mark.distributed
+def test_table_seed_that_differs_between_ranks_makes_every_rank_raise(run2_table):
+    for r in run2_table:
+        assert 'ranks disagree on the noise table (size, seed mod 2^52; 0, 0 for none): [[65536, 0], [65536, 1]]' in r['table_error']

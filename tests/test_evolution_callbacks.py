@@ -1,12 +1,13 @@
 """EvolutionCallback: a fastai Learner trained by an evolution strategy on its own batches, with its own optimizer; on
 2 gloo processes (torchrun), the ranks split each batch's population and end bit-identical."""
-import sys
+import re, sys
 from pathlib import Path
 import pytest, torch
 from torch import nn
 from fastai.basics import Learner, DataLoaders, MSELossFlat, set_seed, Callback
 import fastai.callback.all  # noqa: F401  (Learner.no_bar, fit_one_cycle)
 from weightdrop.evolution_callbacks import EvolutionCallback
+from weightdrop.evolution import NoiseTable
 
 SCRIPTS = Path(__file__).resolve().parent / 'es_scripts'
 sys.path.insert(0, str(SCRIPTS))
@@ -116,6 +117,22 @@ def test_two_ranks_fit_bit_identical_to_one_process(fit2):
         assert all(torch.equal(r['state'][k], one['state'][k]) for k in one['state']), r['world']
         assert r['losses'] == one['losses']
 
+@pytest.fixture(scope='module')
+def fit2_table(tmp_path_factory): return torchrun(SCRIPTS / 'es_fit.py', tmp_path_factory.mktemp('es_fit_table'), '--table')
+
+@pytest.mark.distributed
+def test_two_ranks_fit_with_a_noise_table_bit_identical_to_one_process(fit2_table, fit2):
+    "The members' noise sliced from a NoiseTable under torchrun: both ranks end fit where one process ends, and not "
+    "where the drawn noise ends."
+    threads = torch.get_num_threads()
+    try: torch.set_num_threads(1); one = es_fit.fit(model_seed=0, table=True)
+    finally: torch.set_num_threads(threads)
+    for r in fit2_table:
+        assert r['world'] == 2 and r['generation'] == one['generation'] == es_fit.EPOCHS * 4
+        assert all(torch.equal(r['state'][k], one['state'][k]) for k in one['state'])
+        assert r['losses'] == one['losses'] and "ranks disagree on evaluate's key" in r['shard_error']
+    assert any(not torch.equal(one['state'][k], fit2[0]['state'][k]) for k in one['state'] if k.endswith('weight'))
+
 @pytest.mark.distributed
 def test_ranks_on_different_batches_all_raise(fit2):
     "A sharded loader would score each rank's members on another batch: every rank raises, naming the cause."
@@ -124,6 +141,20 @@ def test_ranks_on_different_batches_all_raise(fit2):
 # ---- bad input
 
 @pytest.mark.parametrize('kwargs, msg', [(dict(popsize=3), 'popsize must be even'), (dict(sigma=-1.), 'sigma must be'),
-                                         (dict(seed=1.5), 'seed must be an int'), (dict(antithetic=None), 'antithetic must be')])
+                                         (dict(seed=1.5), 'seed must be an int'), (dict(antithetic=None), 'antithetic must be'),
+                                         (dict(table='shared'), 'table must be a NoiseTable or None')])
 def test_bad_arguments(kwargs, msg):
     with pytest.raises((TypeError, ValueError), match=msg): EvolutionCallback(**kwargs)
+
+def test_loading_the_state_of_a_run_with_another_table_raises(tmp_path):
+    "The optimizer's state carries the table's size and seed with the generation; a Learner whose callback has another "
+    "table (here none) refuses to go on from it, and its weights stay as loaded."
+    a = Learner(synth_dls(), net(), loss_func=MSELossFlat(), cbs=EvolutionCallback(4, 0.05, table=NoiseTable(2**12, 1)),
+                path=tmp_path)
+    fit_quiet(a, 1, seed=0); a.save('t')
+    b = Learner(synth_dls(), net(), loss_func=MSELossFlat(), cbs=EvolutionCallback(4, 0.05), path=tmp_path); b.load('t')
+    w = b.model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match=re.escape("saved with table=NoiseTable(size=4096, seed=1), this callback has "
+                                                   "table=None: build EvolutionCallback(table=NoiseTable(size=4096, seed=1))")):
+        fit_quiet(b, 1, seed=0)
+    assert torch.equal(b.model[0].weight, w)

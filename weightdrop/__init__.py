@@ -65,8 +65,9 @@ _api = {   # each module's `__all__`, less the names that are also module names
                'check_scale', 'per_name', 'graph_refs', 'check_not_saved', 'bernoulli_positions', 'mutation_plan',
                'mutate_', 'check_rules', 'update_weights_', 'shrink_perturb'),
     'mutate_callbacks': ('batch_events', 'epoch_events', 'EveryCallback', 'WeightUpdateCallback', 'MutateCallback'),
-    'evolution': ('shapings', 'OK', 'RAISED', 'NONFINITE', 'SKIPPED', 'param_noise', 'Backup', 'perturb_', 'perturbed',
-                  'member_noise', 'shape_fitness', 'check_population', 'Population', 'EvolutionStrategy'),
+    'evolution': ('shapings', 'OK', 'RAISED', 'NONFINITE', 'SKIPPED', 'param_noise', 'NoiseTable', 'check_table',
+                  'Backup', 'perturb_', 'perturbed', 'member_noise', 'shape_fitness', 'check_population', 'Population',
+                  'EvolutionStrategy'),
     'evolution_callbacks': ('EvolutionCallback',),
     'awdlstm': ('AWD_LSTM', 'fastai_state_dict', 'RNNRegularizer'),
 }

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import math, time
 from contextlib import contextmanager
+from functools import partial
 import torch
 from torch import nn, Tensor
 import torch.distributed as dist
@@ -13,8 +14,8 @@ from .validate import Checked, check_count, check_positive, check_choice, check_
 from .mutate import named_tensors, select_named, check_not_saved
 
 # %% auto #0
-__all__ = ['shapings', 'OK', 'RAISED', 'NONFINITE', 'SKIPPED', 'param_noise', 'Backup', 'perturb_', 'perturbed', 'member_noise',
-           'shape_fitness', 'check_population', 'Population', 'EvolutionStrategy']
+__all__ = ['shapings', 'OK', 'RAISED', 'NONFINITE', 'SKIPPED', 'param_noise', 'NoiseTable', 'check_table', 'Backup', 'perturb_',
+           'perturbed', 'member_noise', 'shape_fitness', 'check_population', 'Population', 'EvolutionStrategy']
 
 # %% ../nbs/23_evolution.ipynb #2409f161
 def param_noise(t:Tensor, # The parameter (its shape and device)
@@ -27,6 +28,54 @@ def param_noise(t:Tensor, # The parameter (its shape and device)
     e = torch.randn(t.shape, generator=g, out=out) if out is not None else torch.randn(t.shape, generator=g)
     return e.to(t.device)
 
+# %% ../nbs/23_evolution.ipynb #093f4350
+class NoiseTable:
+    "A block of standard normal float32 noise made once from a seed; a member's noise for a parameter is a slice of it."
+    def __init__(self, size:int=2**25, # Numbers in the table: 4 bytes each, 128 MiB for the default
+                 seed:int=0, # The table's seed; every rank must build the same table
+                ):
+        self.size, self.seed = check_count(size, 'size', minimum=2), check_count(seed, 'seed', minimum=0)
+        self.noise = torch.randn(size, generator=torch.Generator().manual_seed(mix_seed(seed, 'noise table')))
+        self._copies = {}                                              # device -> the table copied there
+
+    def on(self, device) -> Tensor:
+        "The table on `device`, copied there once."
+        device = torch.device(device)
+        if device.type == 'cpu': return self.noise
+        if device not in self._copies: self._copies[device] = self.noise.to(device)
+        return self._copies[device]
+
+    def offset(self, seed:int, name:str, numel:int) -> int:
+        "Where the `numel` numbers of parameter `name`'s noise for a member's `seed` start."
+        assert numel <= self.size, (numel, self.size)
+        return mix_seed(seed, 'offset', name) % (self.size - numel + 1)
+
+    def slice(self, t:Tensor, seed:int, name:str) -> Tensor:
+        "Parameter `name`'s noise for a member's `seed`: a view of the table in `t`'s shape, on `t`'s device."
+        o = self.offset(seed, name, t.numel())
+        return self.on(t.device)[o:o + t.numel()].view(t.shape)
+
+    def __repr__(self): return f"NoiseTable(size={self.size}, seed={self.seed})"
+    def __reduce__(self): return NoiseTable, (self.size, self.seed)   # pickled as its recipe, not its numbers
+    def __deepcopy__(self, memo): return self                        # never written to, so copies may share it
+
+# %% ../nbs/23_evolution.ipynb #52ba0855
+def check_table(table, # The value given
+                named:list=(), # [(name, tensor)] that must fit in the table
+               ) -> NoiseTable|None:
+    "Return `table` if it is `None` or a `NoiseTable` at least as large as every parameter in `named`."
+    if table is None: return table
+    if not isinstance(table, NoiseTable): raise TypeError(
+        f"table must be a NoiseTable or None, got {type(table).__name__} {table!r}; pass e.g. "
+        f"table=NoiseTable(size=2**25, seed=0), or table=None to draw each parameter's noise")
+    if named:
+        name, t = max(named, key=lambda nt: nt[1].numel())
+        if t.numel() > table.size:
+            size = 1 << (16 * t.numel() - 1).bit_length()
+            raise ValueError(f"table has {table.size:,} numbers, fewer than parameter {name!r} ({t.numel():,} "
+                             f"elements): pass table=NoiseTable(size={size}), many times the largest parameter")
+    return table
+
 # %% ../nbs/23_evolution.ipynb #a2da47f9
 class Backup:
     "The values of the perturbed parameters before `perturb_`, to put them back bit for bit."
@@ -35,7 +84,13 @@ class Backup:
         self.named = named
         with torch.no_grad(): self.saved = [t.detach().clone() for _, t in named]
         self._versions = [t._version for _, t in named]
-        self.scratch = torch.empty(max(t.numel() for _, t in named))   # the noise of one parameter at a time, on the CPU
+        self._scratch = None
+
+    @property
+    def scratch(self) -> Tensor:
+        "A float32 CPU buffer as large as the largest parameter, to draw one parameter's noise into (made when needed)."
+        if self._scratch is None: self._scratch = torch.empty(max(t.numel() for _, t in self.named))
+        return self._scratch
 
     def restore_(self):
         "Copy the saved values back into the parameters."
@@ -66,6 +121,11 @@ def _add_noise_(t:Tensor, e:Tensor, scale:float):
     if t.element_size() < 4: t.copy_(t.float().add_(e, alpha=scale))   # bf16/fp16: add in float32, round once
     else: t.add_(e, alpha=scale)
 
+def _noise(t:Tensor, seed:int, name:str, table:NoiseTable|None, out:Tensor|None) -> Tensor:
+    "Parameter `name`'s noise for `seed`: a slice of `table`, or drawn from its own stream into the flat buffer `out`."
+    if table is not None: return table.slice(t, seed, name)
+    return param_noise(t, seed, name, out=out[:t.numel()].view(t.shape))
+
 def perturb_(model, # `nn.Module`, dict of named tensors or list of (name, tensor) pairs
              seed:int, # The member's seed: with each parameter's name, it defines the noise
              sigma:float, # Scale of the noise
@@ -75,10 +135,12 @@ def perturb_(model, # `nn.Module`, dict of named tensors or list of (name, tenso
              mirror:bool=False, # Subtract the noise instead (the antithetic member)
              backup:Backup|None=None, # An up-to-date `Backup` of these parameters to reuse; `None`: save them now
              check_graph:bool=True, # Raise if a live autograd graph saved a parameter about to change
+             table:NoiseTable|None=None, # Slice the noise from this `NoiseTable`; `None`: draw it (`param_noise`)
             ) -> Backup: # What restores the parameters bit for bit
     "Add `sigma` times each chosen parameter's noise for `seed` to it, in place; return the `Backup` that undoes it."
     named = _perturbable(model, include, exclude)
     check_count(seed, 'seed', minimum=0); sigma = check_positive(sigma, 'sigma', example=0.02); check_flag(mirror, 'mirror')
+    check_table(table, named)
     if check_graph: check_not_saved(named, 'perturb_')
     if backup is None: backup = Backup(named)
     else: backup.check(named)
@@ -86,7 +148,7 @@ def perturb_(model, # `nn.Module`, dict of named tensors or list of (name, tenso
     try:
         with torch.no_grad():
             for n, t in named:
-                _add_noise_(t, param_noise(t, seed, n, out=backup.scratch[:t.numel()].view(t.shape)), scale)
+                _add_noise_(t, _noise(t, seed, n, table, None if table is not None else backup.scratch), scale)
     except BaseException: backup.restore_(); raise
     return backup
 
@@ -96,7 +158,7 @@ def perturbed(model, # `nn.Module`, dict of named tensors or list of (name, tens
               sigma:float, # Scale of the noise
               include=None, # Glob pattern(s) of parameter names to perturb; `None`: all
               exclude=None, # Glob pattern(s) of parameter names to leave alone
-              **kwargs # Passed on to `perturb_`: mirror, backup, check_graph
+              **kwargs # Passed on to `perturb_`: mirror, backup, check_graph, table
              ):
     "Within the block, `model`'s chosen parameters are perturbed by `perturb_`; leaving it restores them bit for bit."
     backup = perturb_(model, seed, sigma, include, exclude, **kwargs)
@@ -126,7 +188,7 @@ def shape_fitness(fitness:Tensor, # One value per member
     return f
 
 # %% ../nbs/23_evolution.ipynb #8af6a2c6
-OK, RAISED, NONFINITE, SKIPPED = 0., 1., 2., 3.       # a member's status in the all-gathered table
+OK, RAISED, NONFINITE, SKIPPED = 0., 1., 2., 3.       # a member's status in the all-gathered blocks
 _gather_into = getattr(dist, 'all_gather_single', None) or getattr(dist, 'all_gather_into_tensor', None)
 
 def _world(group) -> tuple:
@@ -159,10 +221,12 @@ class Population:
                  include=None, # Glob pattern(s) of parameter names to evolve; `None`: all
                  exclude=None, # Glob pattern(s) of parameter names to leave alone
                  group=None, # Process group; `None`: the default one if initialised, else this process alone
+                 table:NoiseTable|None=None, # Slice the members' noise from this `NoiseTable`; `None`: draw it
                 ):
         check_population(popsize, sigma, seed, antithetic, shaping)
         self.sigma, self.shaping, self.generation = sigma, shaping, 0
         self.model, self.named = model, _perturbable(model, include, exclude)
+        self.table, self.times = check_table(table, self.named), {}
         self.popsize, self.seed, self.antithetic = popsize, seed, antithetic
         self.group, self.rank, self.world = _world(group)
         if self.world > 1: self._broadcast()
@@ -183,18 +247,31 @@ class Population:
 
     def state_dict(self) -> dict:
         return dict(generation=self.generation, seed=self.seed, popsize=self.popsize, antithetic=self.antithetic,
-                    sigma=self.sigma, shaping=self.shaping)
+                    sigma=self.sigma, shaping=self.shaping,
+                    table=None if self.table is None else dict(size=self.table.size, seed=self.table.seed))
 
     def load_state_dict(self, sd:dict):
         "Resume at `sd`'s generation, with its seed, sigma and shaping."
         for k in ('popsize', 'antithetic'):
             if sd[k] != getattr(self, k): raise ValueError(f"the checkpoint has {k}={sd[k]!r}, this population "
                                                            f"{k}={getattr(self, k)!r}: build it with {k}={sd[k]!r}")
+        mine, theirs = self.state_dict()['table'], sd.get('table')
+        if theirs != mine: raise ValueError(
+            f"the checkpoint has table={theirs!r}, this population table={mine!r}: build it with table="
+            + ('None' if theirs is None else f"NoiseTable(size={theirs['size']}, seed={theirs['seed']})"))
         check_count(sd['seed'], 'seed', minimum=0)
         self.sigma, self.shaping, self.generation, self.seed = sd['sigma'], sd['shaping'], sd['generation'], sd['seed']
 
 # %% ../nbs/23_evolution.ipynb #ea3f4c91
-_HEAD = 4         # a rank's block: generation, seed mod 2^52, popsize, key; then (fitness, status) per member
+_HEAD = 6   # a rank's block: generation, seed mod 2^52, popsize, table size and seed mod 2^52 (0, 0: none), key;
+            # then (fitness, status) per member
+
+def _block(pop:Population, key:float) -> Tensor:
+    "This rank's block: the header, then a (fitness, status) slot per member of rank 0 (the most), all SKIPPED."
+    block = torch.full((_HEAD + 2 * len(pop.members_of(0)),), SKIPPED, dtype=torch.float64)
+    table = (0, 0) if pop.table is None else (pop.table.size, pop.table.seed % 2**52)
+    block[:_HEAD] = torch.tensor([pop.generation, pop.seed % 2**52, pop.popsize, *table, key], dtype=torch.float64)
+    return block
 
 def _score(pop:Population, fitness_fn, block:Tensor) -> tuple|None:
     "Fill `block` with this rank's (fitness, status) pairs; return (member, exception) if `fitness_fn` raised."
@@ -202,7 +279,8 @@ def _score(pop:Population, fitness_fn, block:Tensor) -> tuple|None:
     for slot, m in enumerate(pop.members_of(pop.rank)):
         s, mirror = pop.noise_of(m)
         try:
-            backup = perturb_(pop.named, s, pop.sigma, mirror=mirror, backup=backup, check_graph=False)
+            backup = perturb_(pop.named, s, pop.sigma, mirror=mirror, backup=backup, check_graph=False,
+                              table=pop.table)
             try:
                 with torch.no_grad(): f = float(fitness_fn(pop.model))
             finally: backup.restore_()
@@ -212,7 +290,7 @@ def _score(pop:Population, fitness_fn, block:Tensor) -> tuple|None:
         block[_HEAD + 2 * slot:_HEAD + 2 + 2 * slot] = torch.tensor([f, OK if math.isfinite(f) else NONFINITE])
 
 def _gather(pop:Population, block:Tensor) -> Tensor:
-    "The (world, len(block)) table of every rank's block: the generation's one collective."
+    "Every rank's block, as a (world, len(block)) tensor: the generation's one collective."
     if pop.world == 1: return block[None]
     dev = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend(pop.group) == 'nccl' else block.device
     out = torch.empty(pop.world * block.numel(), dtype=block.dtype, device=dev)
@@ -220,12 +298,15 @@ def _gather(pop:Population, block:Tensor) -> Tensor:
     return out.view(pop.world, -1).cpu()
 
 # %% ../nbs/23_evolution.ipynb #056c8bbd
-def _read_table(pop:Population, table:Tensor, failed) -> Tensor:
-    "Every member's fitness from the gathered table; raise on every rank if the ranks disagree or a member failed."
-    heads, keys = table[:, :3], table[:, 3]
+def _read_blocks(pop:Population, blocks:Tensor, failed) -> Tensor:
+    "Every member's fitness from the gathered blocks; raise on every rank if the ranks disagree or a member failed."
+    heads, tables, keys = blocks[:, :3], blocks[:, 3:5], blocks[:, 5]
     if not (heads == heads[0]).all(): raise RuntimeError(
         f"ranks disagree on (generation, seed mod 2^52, popsize): {heads.tolist()}; start every rank from the same "
         f"seed and load the same checkpoint on each")
+    if not (tables == tables[0]).all(): raise RuntimeError(
+        f"ranks disagree on the noise table (size, seed mod 2^52; 0, 0 for none): {tables.long().tolist()}; pass "
+        f"the same table=NoiseTable(size, seed) on every rank, or table=None on every rank")
     if not (keys == keys[0]).all(): raise RuntimeError(
         f"ranks disagree on evaluate's key: {keys.tolist()}; every rank must score its members on the same data "
         f"(the same batch: the same seed for the data order on each rank, and no loader that shards the data, "
@@ -233,7 +314,7 @@ def _read_table(pop:Population, table:Tensor, failed) -> Tensor:
     fitness, bad = torch.empty(pop.popsize, dtype=torch.float64), []
     for r in range(pop.world):
         for slot, m in enumerate(pop.members_of(r)):
-            f, status = table[r, _HEAD + 2 * slot:_HEAD + 2 + 2 * slot].tolist()
+            f, status = blocks[r, _HEAD + 2 * slot:_HEAD + 2 + 2 * slot].tolist()
             if status in (RAISED, NONFINITE): bad.append((status, m, r, f))
             fitness[m] = f
     if not bad: return fitness
@@ -251,10 +332,11 @@ def _evaluate(self:Population, fitness_fn, # fitness_fn(model) -> float, higher 
     check_not_saved(self.named, 'evaluate')
     if isinstance(key, bool) or not isinstance(key, (int, float)) or not math.isfinite(key):
         raise TypeError(f"key must be a finite number, the same on every rank, got {key!r}; pass e.g. key=0.")
-    block = torch.full((_HEAD + 2 * len(self.members_of(0)),), SKIPPED, dtype=torch.float64)
-    block[:_HEAD] = torch.tensor([self.generation, self.seed % 2**52, self.popsize, key], dtype=torch.float64)
+    t0 = time.perf_counter(); block = _block(self, key)
     failed = _score(self, fitness_fn, block)
-    return _read_table(self, _gather(self, block), failed)
+    t1 = time.perf_counter(); blocks = _gather(self, block)
+    self.times = dict(evaluate=t1 - t0, gather=time.perf_counter() - t1)
+    return _read_blocks(self, blocks, failed)
 
 Population.evaluate = _evaluate
 
@@ -267,9 +349,10 @@ def _grad_estimate(self:Population, fitness:Tensor # Every member's fitness, as 
         s, mirror = self.noise_of(m)
         coef[s] = coef.get(s, 0.) + (-w if mirror else w)
     scale, grads = 1 / (self.popsize * self.sigma), []
+    buf = torch.empty(max(t.numel() for _, t in self.named)) if self.table is None else None
     for n, t in self.named:
-        g, buf = torch.zeros(t.shape, dtype=torch.float32, device=t.device), torch.empty(t.shape)
-        for s, c in coef.items(): g.add_(param_noise(t, s, n, out=buf), alpha=c * scale)
+        g = torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+        for s, c in coef.items(): g.add_(_noise(t, s, n, self.table, buf), alpha=c * scale)
         grads.append(g)
     return grads
 
@@ -293,18 +376,23 @@ class EvolutionStrategy:
                  seed:int=0, # Base seed: member seeds derive from (seed, generation, member)
                  antithetic:bool=True, # Mirrored pairs θ ± σε
                  shaping:str='centered_ranks', # 'centered_ranks', 'zscore' or 'none'
-                 optimizer=None, # Function (params, lr=lr) -> torch.optim.Optimizer; `None`: Adam
+                 optimizer=None, # Function (params, lr=lr) -> torch.optim.Optimizer; `None`: Adam, fused on CPU/CUDA
                  include=None, # Glob pattern(s) of parameter names to evolve; `None`: all
                  exclude=None, # Glob pattern(s) of parameter names to leave alone
                  group=None, # Process group; `None`: the default one if initialised
+                 table:NoiseTable|None=None, # Slice the members' noise from this `NoiseTable`; `None`: draw it
                 ):
         lr = check_positive(lr, 'lr', example=0.01)
-        if optimizer is None: optimizer = torch.optim.Adam
-        if not callable(optimizer) or isinstance(optimizer, torch.optim.Optimizer): raise TypeError(
+        bad_opt = optimizer is not None and (not callable(optimizer) or isinstance(optimizer, torch.optim.Optimizer))
+        if bad_opt: raise TypeError(
             f"optimizer must be a function (params, lr=lr) -> torch.optim.Optimizer such as torch.optim.SGD, got "
             f"{type(optimizer).__name__}: the strategy builds it on the parameters it perturbs")
-        self.population = Population(model, popsize, sigma, seed, antithetic, shaping, include, exclude, group)
-        self.opt = optimizer([t for _, t in self.population.named], lr=lr)
+        self.population = Population(model, popsize, sigma, seed, antithetic, shaping, include, exclude,
+                                     group=group, table=table)
+        params = [t for _, t in self.population.named]
+        if optimizer is None:
+            optimizer = partial(torch.optim.Adam, fused=all(t.device.type in ('cpu', 'cuda') for t in params))
+        self.opt = optimizer(params, lr=lr)
         if not isinstance(self.opt, torch.optim.Optimizer):
             raise TypeError(f"optimizer(params, lr=lr) must return a torch.optim.Optimizer, got {type(self.opt).__name__}")
 
@@ -313,14 +401,17 @@ class EvolutionStrategy:
 
     def step(self, fitness_fn, # fitness_fn(model) -> float, higher is better
              key:float=0., # A number every rank must pass alike, e.g. a fingerprint of this generation's data
-            ) -> dict: # generation, fitness mean/max/min, time (s)
+            ) -> dict: # generation, fitness mean/max/min, seconds: time, time_evaluate, time_gather, time_update
         "Evaluate one generation, hand the estimate to the optimizer, step it; return the generation's statistics."
         t0, pop = time.perf_counter(), self.population
         fitness = pop.evaluate(fitness_fn, key=key)
+        t1 = time.perf_counter()
         pop.set_grad_(fitness)
         self.opt.step(); self.opt.zero_grad()
+        t2 = time.perf_counter()
         stats = dict(generation=pop.generation, mean=fitness.mean().item(), max=fitness.max().item(),
-                     min=fitness.min().item(), time=time.perf_counter() - t0)
+                     min=fitness.min().item(), time=t2 - t0, time_evaluate=pop.times['evaluate'],
+                     time_gather=pop.times['gather'], time_update=t2 - t1)
         pop.generation += 1
         return stats
 

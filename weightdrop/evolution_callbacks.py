@@ -8,7 +8,7 @@ import torch
 from fastai.callback.core import Callback, CancelBackwardException
 from fastai.torch_core import to_detach
 from fastai.optimizer import Optimizer
-from .evolution import Population, check_population
+from .evolution import Population, NoiseTable, check_population, check_table
 
 # %% auto #0
 __all__ = ['EvolutionCallback']
@@ -23,6 +23,9 @@ def _batch_key(*ts) -> float:
             k += (v * torch.linspace(1., 2., len(v), dtype=torch.float64, device=v.device)).sum().item()
     return k
 
+def _table_key(table:NoiseTable|None) -> tuple: return (0, 0) if table is None else (table.size, table.seed)
+def _describe(key:tuple) -> str: return 'None' if key == (0, 0) else f"NoiseTable(size={key[0]}, seed={key[1]})"
+
 class EvolutionCallback(Callback):
     "Replace the backward with an evolution strategy's gradient estimate on the current batch; the Learner's optimizer steps."
     def __init__(self,
@@ -33,10 +36,11 @@ class EvolutionCallback(Callback):
         shaping:str='centered_ranks', # 'centered_ranks', 'zscore' or 'none'
         include=None, # Glob pattern(s) of parameter names to evolve; `None`: all
         exclude=None, # Glob pattern(s) of parameter names to leave alone
+        table:NoiseTable|None=None, # Slice the members' noise from this `NoiseTable`; `None`: draw it
     ):
-        check_population(popsize, sigma, seed, antithetic, shaping)
+        check_population(popsize, sigma, seed, antithetic, shaping); check_table(table)
         self.popsize, self.sigma, self.seed, self.antithetic, self.shaping = popsize, sigma, seed, antithetic, shaping
-        self.include, self.exclude, self.generation, self.fitness = include, exclude, 0, []
+        self.include, self.exclude, self.table, self.generation, self.fitness = include, exclude, table, 0, []
 
     def _opt_state(self) -> dict|None:
         "The optimizer state of the first evolved parameter, where the generation is saved (fastai `Optimizer` only)."
@@ -45,9 +49,14 @@ class EvolutionCallback(Callback):
 
     def before_fit(self):
         self.population = Population(self.learn.model, self.popsize, self.sigma, self.seed, self.antithetic,
-                                     self.shaping, self.include, self.exclude)
+                                     self.shaping, self.include, self.exclude, table=self.table)
         st = self._opt_state()                            # a loaded optimizer's generation, else this callback's
-        if st is not None: self.generation = st.get('es_generation', self.generation)
+        if st is not None and 'es_generation' in st:
+            saved, mine = tuple(st.get('es_table', (0, 0))), _table_key(self.table)
+            if saved != mine: raise ValueError(
+                f"the loaded optimizer state was saved with table={_describe(saved)}, this callback has "
+                f"table={_describe(mine)}: build EvolutionCallback(table={_describe(saved)}) as in the run that saved it")
+            self.generation = st['es_generation']
         self.population.generation = self.generation      # a second fit goes on with new seeds
 
     def _member_loss(self, model):
@@ -64,5 +73,5 @@ class EvolutionCallback(Callback):
         self.fitness.append((fitness.mean().item(), fitness.max().item(), fitness.min().item()))
         pop.generation = self.generation = pop.generation + 1
         st = self._opt_state()
-        if st is not None: st['es_generation'] = self.generation
+        if st is not None: st['es_generation'], st['es_table'] = self.generation, _table_key(self.table)
         raise CancelBackwardException

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 POPSIZE, SIGMA, LR, SEED, GENERATIONS = 6, 0.05, 0.01, 11, 5
+TABLE_SIZE, TABLE_SEED = 2**16, 3     # a NoiseTable larger than the width-200 model's largest parameter
 
 def make_model(seed=0, width=32):
     torch.manual_seed(seed)
