@@ -18,7 +18,7 @@ from websockets.sync.client import connect
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
          '--disable-component-update', '--disable-sync', '--hide-scrollbars', '--remote-debugging-port=0']
-SCREENSHOTS = {'index.html': 'front.png', 'dropout.html': 'api-dropout.png'}
+SCREENSHOTS = {'index.html': ('front.png', None), 'dropout.html': ('api-dropout.png', 'dl.py')}   # page: (file, scrolled to)
 
 class Chromium:
     "A headless Chromium with a fresh profile, and one tab driven over the DevTools protocol."
@@ -133,7 +133,10 @@ def check(site:Path, exe:str, names:list[str]|None=None, shots:Path|None=None) -
             problems += [f"{page}: {p}" for p in browser.open(server.url + page)]
             facts[page] = browser.js(PAGE_FACTS)
             problems += [f"{page}: broken image {src}" for src in facts[page]['broken_images']]
-            if shots and page in SCREENSHOTS: browser.screenshot(shots / SCREENSHOTS[page])
+            if shots and page in SCREENSHOTS:
+                name, selector = SCREENSHOTS[page]
+                if selector: browser.js(f"document.querySelector({selector!r}).scrollIntoView()")
+                browser.screenshot(shots / name)
         problems += [f"search.html: {p}" for p in browser.open(server.url + 'search.html?q=WeightDropout')]
         found = browser.js("""new Promise(r => { let n = 0; const t = setInterval(() => {
             const hits = [...document.querySelectorAll('#search-results a')].map(a => a.href);

@@ -1,0 +1,81 @@
+"The documentation site builder (docs/nbsite.py) on tiny notebook folders: what the pages show, and bad input."
+import importlib.util, json, re, shutil
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+for tool in ('sphinx', 'myst_parser', 'sphinx_book_theme'):
+    if importlib.util.find_spec(tool) is None:
+        pytest.skip(f"the docs tools are not installed ({tool} is missing; pip install -e '.[docs]', Python 3.11+)",
+                    allow_module_level=True)
+
+spec = importlib.util.spec_from_file_location('nbsite', ROOT / 'docs' / 'nbsite.py')
+nbsite = importlib.util.module_from_spec(spec); spec.loader.exec_module(nbsite)
+
+def cell(src, kind='code', outputs=()):
+    c = {'cell_type': kind, 'id': f'{abs(hash(src)) % 16**8:08x}', 'metadata': {}, 'source': src}
+    if kind == 'code': c.update(execution_count=None, outputs=list(outputs))
+    return c
+
+def notebook(path, *cells):
+    path.write_text(json.dumps({'cells': list(cells), 'metadata': {'kernelspec': {'display_name': 'python3', 'language': 'python',
+                    'name': 'python3'}}, 'nbformat': 4, 'nbformat_minor': 5}, indent=1, sort_keys=True))
+    return path
+
+def tiny_nbs(tmp_path):
+    nbs = tmp_path / 'nbs'; nbs.mkdir()
+    notebook(nbs / 'index.ipynb', cell('# tiny\n> A front page.', 'markdown'), cell('See `01_page` and `WeightDropout`.', 'markdown'))
+    return nbs
+
+# ---- behaviour
+def test_a_page_shows_what_nbdev_shows(tmp_path):
+    nbs = tiny_nbs(tmp_path)
+    png = 'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=='
+    notebook(nbs / '01_page.ipynb',
+             cell('# A page\n> Its summary.', 'markdown'),
+             cell('#| hide\nsecret_hidden_cell = 1'),
+             cell('show_doc(WeightDropout)'),
+             cell('`WeightDropout` drops weights; fastai/fastai#2591 is the thread.', 'markdown'),
+             cell('print("visible")', outputs=[{'name': 'stdout', 'output_type': 'stream', 'text': 'visible output\n'}]),
+             cell('plot()', outputs=[{'data': {'image/png': png, 'text/plain': '<Figure>'}, 'metadata': {},
+                                      'output_type': 'display_data'}]))
+    nbsite.build(nbs, tmp_path / 'site', tmp_path / 'proc')
+    page = (tmp_path / 'site' / 'page.html').read_text()
+    assert 'secret_hidden_cell' not in page and '#|' not in page
+    assert 'id="weightdrop.dropout.WeightDropout"' in page                       # the API entry, with its docments table
+    assert 'Weight dropout probability' in page and 'weight_p' in page
+    assert re.search(r'<a [^>]*href="#weightdrop.dropout.WeightDropout"', page)  # the backticked name links to it
+    assert 'href="https://github.com/fastai/fastai/issues/2591"' in page
+    assert 'visible output' in page and re.search(r'<img [^>]*src="_images/page-5-0.png"', page)
+    index = (tmp_path / 'site' / 'index.html').read_text()
+    assert re.search(r'href="page.html#weightdrop.dropout.WeightDropout"', index) and 'href="page.html"' in index
+
+def test_pages_follow_the_notebooks_order_with_index_first(tmp_path):
+    nbs = tiny_nbs(tmp_path)
+    for name in ('10_b', '02_a', '03_c'): notebook(nbs / f'{name}.ipynb', cell(f'# {name}', 'markdown'))
+    assert [nbsite.page_name(p) for p in nbsite.notebooks(nbs)] == ['index', 'a', 'c', 'b']
+
+# ---- bad input
+def test_broken_json_names_the_notebook_and_the_cell(tmp_path):
+    nbs = tiny_nbs(tmp_path)
+    nb = notebook(nbs / '01_page.ipynb', cell('# A page', 'markdown'), cell('x = 1'), cell('y = 2'))
+    nb.write_text(nb.read_text().replace('"y = 2"', '"y = 2" "oops"'))
+    with pytest.raises(nbsite.DocsError, match=r"01_page\.ipynb: broken JSON in cell 2, line \d+ column \d+"):
+        nbsite.stage(nbs, tmp_path / 'proc')
+
+def test_show_doc_of_a_missing_name_names_the_notebook_and_the_cell(tmp_path):
+    nbs = tiny_nbs(tmp_path)
+    notebook(nbs / '01_page.ipynb', cell('# A page', 'markdown'), cell('x = 1'), cell('show_doc(WeightDropuot)'))
+    with pytest.raises(nbsite.DocsError, match=r"01_page\.ipynb cell 2 \(id \w+\): `show_doc\(WeightDropuot\)`: "
+                                              r"'WeightDropuot' is not defined in weightdrop\.all"):
+        nbsite.stage(nbs, tmp_path / 'proc')
+
+def test_show_doc_of_a_missing_attribute_names_the_attribute(tmp_path):
+    nbs = tiny_nbs(tmp_path)
+    notebook(nbs / '01_page.ipynb', cell('# A page', 'markdown'), cell('show_doc(WeightDropout.resmaple)'))
+    with pytest.raises(nbsite.DocsError, match=r"01_page\.ipynb cell 1 .*WeightDropout has no attribute 'resmaple'"):
+        nbsite.stage(nbs, tmp_path / 'proc')
+
+def test_a_folder_without_index_is_refused(tmp_path):
+    nbs = tmp_path / 'nbs'; nbs.mkdir(); notebook(nbs / '01_page.ipynb', cell('# A page', 'markdown'))
+    with pytest.raises(nbsite.DocsError, match='no index.ipynb'): nbsite.stage(nbs, tmp_path / 'proc')
