@@ -145,7 +145,7 @@ class ApiEntry:
                 if isinstance(raw, staticmethod): opts.append(':staticmethod:')
                 if isinstance(raw, classmethod): opts.append(':classmethod:')
             if sig is not None: sig_text += str(sig)
-            doc = o.__doc__ if kind == 'class' else inspect.getdoc(o)
+            doc = o.__doc__        # its own: `inspect.getdoc` would show `nn.Module.forward`'s for an undocumented `forward`
             table = docment_table(o, sig, link) if sig is not None else ''
             if table: body.append(table)
         if doc: body.insert(0, link(inspect.cleandoc(doc)))
@@ -175,7 +175,8 @@ class Links:
         if name in self.api: return f"{{py:obj}}`{name}{call} <{self.api[name]}>`"
         stem = re.sub(r'^nbs/|\.ipynb$', '', name)
         if stem in self.pages: return f"[`{name}`]({self.pages[stem]}.md)"
-        url = self.external.doc(name) if self.external is not None else None
+        # Another library's name links only when it can't be a plain word: `Learner`, `Learner.fit`, not `module`.
+        url = self.external.doc(name) if self.external is not None and re.search(r'[A-Z.]', name) else None
         if url and url.startswith('http'): return f"[`{name}{call}`]({url})"
         return m.group(0)
 
@@ -298,8 +299,8 @@ class Page:
                 (self.out_dir / f).write_bytes(base64.b64decode(text(mime)))
                 alt = text('text/plain').strip('<>') if 'text/plain' in data else 'output'
                 return f"![{alt}]({f})"
-        if 'image/svg+xml' in data: return fence(text('image/svg+xml'), '{raw} html')
-        if 'text/html' in data: return fence(text('text/html'), '{raw} html')
+        for mime in ('image/svg+xml', 'text/html'):
+            if mime in data: return fence(f'<div class="cell-output cell-output-html">\n{text(mime)}\n</div>', '{raw} html')
         if 'text/markdown' in data: return link(text('text/markdown'))
         if 'text/plain' in data: return fence(text('text/plain'), '{code-block} text\n:class: cell-output')
         return ''
