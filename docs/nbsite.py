@@ -8,7 +8,7 @@ becomes one MyST page for Sphinx. The saved outputs and plots are shown as they 
     python docs/nbsite.py                  # nbs/ -> _proc/ (MyST pages) -> _docs/ (the site)
 """
 from __future__ import annotations
-import argparse, ast, base64, importlib, inspect, json, re, shutil, sys, time
+import argparse, ast, base64, importlib, io, inspect, json, re, shutil, sys, time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -306,13 +306,19 @@ class Page:
         return ''
 
     def markdown(self, link, indexed:set) -> str:
-        blocks = []
+        "The page's MyST text; `self.starts` keeps the line each cell starts on, to point Sphinx's warnings at cells."
+        blocks, self.starts, line = [], [], 1
         for i, c in enumerate(self.nb.cells):
             md = self.cell_markdown(c, link, indexed)
             if i == 0 and c.cell_type == 'markdown' and md:   # nbdev's `# Title` + `> summary`: the summary as a lead
                 md[0] = re.sub(r'\A(#[^\n]*\n)> ?([^\n]*(?:\n> ?[^\n]*)*)', lambda m: f"{m[1]}\n{{.lead}}\n{m[2].replace(chr(10) + '>', ' ')}", md[0])
-            blocks += md
+            if md: self.starts.append((line, c))
+            for b in md: blocks.append(b); line += b.count('\n') + 2
         return '\n\n'.join(blocks) + '\n'
+
+    def cell_at(self, line:int):
+        "The notebook cell that line `line` of the page came from."
+        return next((c for start, c in reversed(self.starts) if start <= line), None)
 
 # ------------------------------------------------------------------------------------------------------------ build
 def stage(nbs:Path, proc:Path, root:Path=ROOT) -> list[Page]:
@@ -321,6 +327,9 @@ def stage(nbs:Path, proc:Path, root:Path=ROOT) -> list[Page]:
     (proc / '_outputs').mkdir(parents=True)
     if (nbs / 'images').is_dir(): shutil.copytree(nbs / 'images', proc / 'images')
     pages = [Page(p, root) for p in notebooks(nbs)]
+    names = [p.name for p in pages]
+    if dups := sorted({str(p.rel) for p in pages if names.count(p.name) > 1}):
+        raise DocsError(f"{', '.join(dups)}: these notebooks would make the same page; rename one")
     for p in pages: p.process()
     link = Links({p.path.stem: p.name for p in pages})
     for p in pages:
@@ -334,15 +343,26 @@ def stage(nbs:Path, proc:Path, root:Path=ROOT) -> list[Page]:
         (proc / f"{p.name}.md").write_text(md, encoding='utf-8')
     return pages
 
+def where_warned(text:str, pages:list[Page]) -> str:
+    "Sphinx's warnings, each pointing at the notebook cell it comes from instead of a line of a MyST page."
+    by_file = {p.name: p for p in pages}
+    def cell(m):
+        p = by_file.get(Path(m[1]).stem)
+        c = p.cell_at(int(m[2])) if p else None
+        return f"{where(p.rel, c)}:" if c is not None else m[0]
+    return re.sub(r'^(\S+?\.md):(\d+):', cell, nbdev_procs._re_ansi_escape.sub('', text).strip(), flags=re.M)
+
 def build(nbs:Path=ROOT/'nbs', out:Path=ROOT/'_docs', proc:Path=ROOT/'_proc', quiet:bool=True) -> list[Page]:
     "Build the site: notebooks -> MyST pages in `proc` -> HTML in `out`. A Sphinx warning fails the build."
-    from sphinx.cmd.build import build_main
+    from sphinx.application import Sphinx
     pages = stage(Path(nbs), Path(proc))
     if Path(out).exists(): shutil.rmtree(out)
-    args = ['-b', 'html', '-c', str(Path(__file__).parent), '-W', '--keep-going', '-E']
-    if quiet: args.append('-q')
-    if build_main(args + [str(proc), str(out)]) != 0:
-        raise DocsError(f"Sphinx reported problems building {out} from {proc} (the pages made from {nbs}); see above")
+    warnings = io.StringIO()
+    app = Sphinx(proc, Path(__file__).parent, out, Path(proc) / '_doctrees', 'html', freshenv=True, warning=warnings,
+                 status=None if quiet else sys.stdout)
+    app.build()
+    if app.statuscode or warnings.getvalue():
+        raise DocsError(f"the site has problems:\n{where_warned(warnings.getvalue(), pages)}")
     (Path(out) / '.nojekyll').touch()
     return pages
 

@@ -79,3 +79,15 @@ def test_show_doc_of_a_missing_attribute_names_the_attribute(tmp_path):
 def test_a_folder_without_index_is_refused(tmp_path):
     nbs = tmp_path / 'nbs'; nbs.mkdir(); notebook(nbs / '01_page.ipynb', cell('# A page', 'markdown'))
     with pytest.raises(nbsite.DocsError, match='no index.ipynb'): nbsite.stage(nbs, tmp_path / 'proc')
+
+def test_a_sphinx_warning_fails_the_build_and_names_the_cell(tmp_path):
+    nbs = tiny_nbs(tmp_path)
+    notebook(nbs / '01_page.ipynb', cell('# A page', 'markdown'), cell('x = 1'), cell('A plot: ![plot](images/missing.png)', 'markdown'))
+    with pytest.raises(nbsite.DocsError, match=r"01_page\.ipynb cell 2 \(id \w+\): WARNING: image file not readable: images/missing.png"):
+        nbsite.build(nbs, tmp_path / 'site', tmp_path / 'proc')
+
+def test_two_notebooks_that_make_one_page_are_refused(tmp_path):
+    nbs = tiny_nbs(tmp_path)
+    for name in ('01_page', '02_page'): notebook(nbs / f'{name}.ipynb', cell(f'# {name}', 'markdown'))
+    with pytest.raises(nbsite.DocsError, match=r'01_page\.ipynb, .*02_page\.ipynb: these notebooks would make the same page'):
+        nbsite.stage(nbs, tmp_path / 'proc')
