@@ -16,6 +16,7 @@ from urllib.request import urlopen
 from websockets.sync.client import connect
 
 ROOT = Path(__file__).resolve().parents[1]
+LIB = 'weightdrop'
 FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
          '--disable-component-update', '--disable-sync', '--hide-scrollbars', '--remote-debugging-port=0']
 SCREENSHOTS = {'index.html': ('front.png', None), 'dropout.html': ('api-dropout.png', 'dl.py')}   # page: (file, scrolled to)
@@ -122,7 +123,7 @@ def public_names() -> list[str]:
     import weightdrop
     return list(weightdrop.__all__)
 
-def check(site:Path, exe:str, names:list[str]|None=None, shots:Path|None=None) -> list[str]:
+def check(site:Path, exe:str, names:list[str]|None=None, shots:Path|None=None, search:str='WeightDropout') -> list[str]:
     "Every problem found on the site at `site`, as `page: problem` lines; an empty list when it is sound."
     site = Path(site)
     pages = sorted(str(p.relative_to(site)) for p in site.rglob('*.html') if p.relative_to(site).parts[0] != '_static')
@@ -137,12 +138,12 @@ def check(site:Path, exe:str, names:list[str]|None=None, shots:Path|None=None) -
                 name, selector = SCREENSHOTS[page]
                 if selector: browser.js(f"document.querySelector({selector!r}).scrollIntoView()")
                 browser.screenshot(shots / name)
-        problems += [f"search.html: {p}" for p in browser.open(server.url + 'search.html?q=WeightDropout')]
+        problems += [f"search.html: {p}" for p in browser.open(server.url + f'search.html?q={search}')]
         found = browser.js("""new Promise(r => { let n = 0; const t = setInterval(() => {
             const hits = [...document.querySelectorAll('#search-results a')].map(a => a.href);
             if (hits.length || ++n > 100) { clearInterval(t); r(hits); } }, 100); })""")
-        if not any('dropout.html' in h for h in found or []):
-            problems.append(f"search.html: searching WeightDropout does not find the dropout page (found {found})")
+        if not any(re.search(rf'#{LIB}\.\w+\.{search}$', h) for h in found or []):
+            problems.append(f"search.html: searching {search} does not find its API entry (found {found})")
     finally:
         browser.close(); server.close()
     for page, f in facts.items():
@@ -156,7 +157,7 @@ def check(site:Path, exe:str, names:list[str]|None=None, shots:Path|None=None) -
                 problems.append(f"{page}: link to missing anchor {target}#{anchor}")
     api = {i for f in facts.values() for i in f['api']}
     for n in names or []:
-        if not any(re.fullmatch(rf'weightdrop\.\w+\.{re.escape(n)}', i) for i in api):
+        if not any(re.fullmatch(rf'{LIB}\.\w+\.{re.escape(n)}', i) for i in api):
             problems.append(f"no API entry for weightdrop.{n}")
     return problems
 

@@ -137,13 +137,10 @@ class ApiEntry:
             opts += [f":type: {type(o).__name__}", f":value: {value if len(value) <= 120 else value[:117] + '...'}"]
             doc = None
         else:
-            static = self.owner is not None and isinstance(inspect.getattr_static(self.owner, self.shown.split('.')[-1], None),
-                                                            (staticmethod, classmethod))
-            sig = signature(o, drop_self=kind in ('class', 'method') and not static)
-            if kind == 'method' and self.owner is not None:
-                raw = inspect.getattr_static(self.owner, self.shown.split('.')[-1], None)
-                if isinstance(raw, staticmethod): opts.append(':staticmethod:')
-                if isinstance(raw, classmethod): opts.append(':classmethod:')
+            raw = inspect.getattr_static(self.owner, self.shown.split('.')[-1], None) if self.owner is not None else None
+            if isinstance(raw, staticmethod): opts.append(':staticmethod:')
+            if isinstance(raw, classmethod): opts.append(':classmethod:')
+            sig = signature(o, drop_self=kind in ('class', 'method') and not isinstance(raw, staticmethod))
             if sig is not None: sig_text += str(sig)
             doc = o.__doc__        # its own: `inspect.getdoc` would show `nn.Module.forward`'s for an undocumented `forward`
             table = docment_table(o, sig, link) if sig is not None else ''

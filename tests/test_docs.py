@@ -91,3 +91,29 @@ def test_two_notebooks_that_make_one_page_are_refused(tmp_path):
     for name in ('01_page', '02_page'): notebook(nbs / f'{name}.ipynb', cell(f'# {name}', 'markdown'))
     with pytest.raises(nbsite.DocsError, match=r'01_page\.ipynb, .*02_page\.ipynb: these notebooks would make the same page'):
         nbsite.stage(nbs, tmp_path / 'proc')
+
+# ---- the browser check (docs/check.py) finds what it is for
+chromium = shutil.which('chromium')
+
+@pytest.mark.skipif(chromium is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
+def test_the_browser_check_passes_a_sound_site_and_finds_each_kind_of_breakage(tmp_path):
+    pytest.importorskip('websockets', reason='the browser check drives Chromium with websockets')
+    spec = importlib.util.spec_from_file_location('check', ROOT / 'docs' / 'check.py')
+    check = importlib.util.module_from_spec(spec); spec.loader.exec_module(check)
+    nbs = tiny_nbs(tmp_path)
+    png = 'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=='
+    notebook(nbs / '01_page.ipynb', cell('# A page', 'markdown'), cell('show_doc(WeightDropout)'),
+             cell('plot()', outputs=[{'data': {'image/png': png}, 'metadata': {}, 'output_type': 'display_data'}]))
+    site = tmp_path / 'site'
+    nbsite.build(nbs, site, tmp_path / 'proc')
+    assert check.check(site, chromium, ['WeightDropout']) == []
+
+    page, index = site / 'page.html', site / 'index.html'
+    (site / '_images' / 'page-2-0.png').unlink()
+    page.write_text(page.read_text().replace('</body>', '<script>throw new Error("boom")</script></body>'))
+    index.write_text(index.read_text().replace('href="page.html#weightdrop.dropout.WeightDropout"', 'href="page.html#nowhere"'))
+    problems = check.check(site, chromium, ['WeightDropout', 'WeightNoise'])
+    assert any(p.startswith('page.html: broken image') for p in problems), problems
+    assert any(p.startswith('page.html: JavaScript error') and 'boom' in p for p in problems), problems
+    assert 'index.html: link to missing anchor page.html#nowhere' in problems, problems
+    assert 'no API entry for weightdrop.WeightNoise' in problems and not any('weightdrop.WeightDropout' in p for p in problems)
