@@ -218,7 +218,8 @@ class Page:
         ns = vars(mod)
         if names[0] not in ns and names[0] in everything: ns = everything
         if names[0] not in ns:
-            raise DocsError(f"{where(self.rel, cell)}: `{src}`: {names[0]!r} is not defined in {mod.__name__}")
+            hint = ' (after editing an exported cell, run nbdev-export)' if nbdev_procs._default_exp(self.nb) else ''
+            raise DocsError(f"{where(self.rel, cell)}: `{src}`: {names[0]!r} is not defined in {mod.__name__}{hint}")
         obj, owner = ns[names[0]], None
         for i, n in enumerate(names[1:], 1):
             owner = obj
@@ -247,11 +248,15 @@ class Page:
         nb = self.nb
         for c in nb.cells: c.directives_ = c.directives
         if nbdev_procs._default_exp(nb) is not None: self.add_data_docs()
+        home = {n: c.nb_index_ for c in nb.cells if 'nb_index_' in c and nbdev_procs._want_doc(c)
+                for n in nbdev_procs._def_names(c, set())}
+        nb.cells.append(mk_cell('', 'markdown', metadata=AttrDict()))   # nbdev's mv_exports looks one past an `exports` cell
         NBProcessor(nb=nb, procs=NBDEV_PROCS, rm_directives=True).process()
+        nb.cells.pop()
         last = 0
-        for c in nb.cells:                      # cells nbdev added (show_docs) point at the cell they document
+        for c in nb.cells:                      # a show_doc nbdev added points at the cell that defines its name
             if 'nb_index_' in c: last = c.nb_index_
-            else: c.nb_index_ = last
+            else: c.nb_index_ = home.get(c.source.strip()[len('show_doc('):-1], last)
             c.api_ = []
             if c.cell_type != 'code': continue
             trees = c.parsed_()

@@ -50,6 +50,21 @@ def test_a_page_shows_what_nbdev_shows(tmp_path):
     index = (tmp_path / 'site' / 'index.html').read_text()
     assert re.search(r'href="page.html#weightdrop.dropout.WeightDropout"', index) and 'href="page.html"' in index
 
+def test_quarto_cell_options_hide_what_they_say(tmp_path):
+    nbs = tiny_nbs(tmp_path)
+    out = lambda text: [{'name': 'stdout', 'output_type': 'stream', 'text': text}]
+    notebook(nbs / '01_page.ipynb', cell('# A page', 'markdown'),
+             cell('#| echo: false\nsource_one()', outputs=out('output one')),
+             cell('#| output: false\nsource_two()', outputs=out('output two')),
+             cell('#| include: false\nsource_three()', outputs=out('output three')),
+             cell('#| exports\n_shown_source = 1'))
+    nbsite.stage(nbs, tmp_path / 'proc')
+    md = (tmp_path / 'proc' / 'page.md').read_text()
+    assert 'source_one' not in md and 'output one' in md
+    assert 'source_two' in md and 'output two' not in md
+    assert 'three' not in md and '#|' not in md
+    assert '_shown_source = 1' in md                      # `#| exports` shows its code, as nbdev does
+
 def test_pages_follow_the_notebooks_order_with_index_first(tmp_path):
     nbs = tiny_nbs(tmp_path)
     for name in ('10_b', '02_a', '03_c'): notebook(nbs / f'{name}.ipynb', cell(f'# {name}', 'markdown'))
@@ -68,6 +83,12 @@ def test_show_doc_of_a_missing_name_names_the_notebook_and_the_cell(tmp_path):
     notebook(nbs / '01_page.ipynb', cell('# A page', 'markdown'), cell('x = 1'), cell('show_doc(WeightDropuot)'))
     with pytest.raises(nbsite.DocsError, match=r"01_page\.ipynb cell 2 \(id \w+\): `show_doc\(WeightDropuot\)`: "
                                               r"'WeightDropuot' is not defined in weightdrop\.all"):
+        nbsite.stage(nbs, tmp_path / 'proc')
+
+def test_an_exported_function_missing_from_the_package_names_its_cell(tmp_path):
+    nbs = tiny_nbs(tmp_path)       # the show_doc nbdev adds for an exported function points at the function's cell
+    notebook(nbs / '01_page.ipynb', cell('# A page', 'markdown'), cell('#| export\ndef not_exported(): pass'), cell('x = 1'))
+    with pytest.raises(nbsite.DocsError, match=r"01_page\.ipynb cell 1 .*'not_exported' is not defined in weightdrop\.all"):
         nbsite.stage(nbs, tmp_path / 'proc')
 
 def test_show_doc_of_a_missing_attribute_names_the_attribute(tmp_path):
