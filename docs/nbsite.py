@@ -253,6 +253,9 @@ class Page:
         nb.cells.append(mk_cell('', 'markdown', metadata=AttrDict()))   # nbdev's mv_exports looks one past an `exports` cell
         NBProcessor(nb=nb, procs=NBDEV_PROCS, rm_directives=True).process()
         nb.cells.pop()
+        # nbdev compares a patched function's bare name (`mc_preds`) with the shown `Learner.mc_preds`, and shows it twice
+        shown = {nbdev_procs._get_nm(t) for c in nb.cells if 'nb_index_' in c for t in nbdev_procs._show_docs(c.parsed_() or [])}
+        nb.cells = [c for c in nb.cells if not (c.get('has_sd') and c.source.strip()[len('show_doc('):-1] in shown)]
         last = 0
         for c in nb.cells:                      # a show_doc nbdev added points at the cell that defines its name
             if 'nb_index_' in c: last = c.nb_index_

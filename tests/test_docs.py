@@ -65,6 +65,13 @@ def test_quarto_cell_options_hide_what_they_say(tmp_path):
     assert 'three' not in md and '#|' not in md
     assert '_shown_source = 1' in md                      # `#| exports` shows its code, as nbdev does
 
+def test_a_patched_method_shown_by_hand_is_shown_once(tmp_path):
+    nbs = tiny_nbs(tmp_path)      # nbdev's add_show_docs would add a second `show_doc(Learner.mc_preds)`
+    notebook(nbs / '04_callbacks.ipynb', cell('# Callbacks', 'markdown'), cell('#| default_exp callbacks'),
+             cell('#| export\n@patch\ndef mc_preds(self:Learner, dl=None): "Predictions"'), cell('show_doc(Learner.mc_preds)'))
+    nbsite.stage(nbs, tmp_path / 'proc')
+    assert (tmp_path / 'proc' / 'callbacks.md').read_text().count('{py:method} Learner.mc_preds(') == 1
+
 def test_pages_follow_the_notebooks_order_with_index_first(tmp_path):
     nbs = tiny_nbs(tmp_path)
     for name in ('10_b', '02_a', '03_c'): notebook(nbs / f'{name}.ipynb', cell(f'# {name}', 'markdown'))
