@@ -360,12 +360,14 @@ def where_warned(text:str, pages:list[Page]) -> str:
 def build(nbs:Path=ROOT/'nbs', out:Path=ROOT/'_docs', proc:Path=ROOT/'_proc', quiet:bool=True) -> list[Page]:
     "Build the site: notebooks -> MyST pages in `proc` -> HTML in `out`. A Sphinx warning fails the build."
     from sphinx.application import Sphinx
+    from sphinx.util.docutils import docutils_namespace, patch_docutils
     pages = stage(Path(nbs), Path(proc))
     if Path(out).exists(): shutil.rmtree(out)
-    warnings = io.StringIO()
-    app = Sphinx(proc, Path(__file__).parent, out, Path(proc) / '_doctrees', 'html', freshenv=True, warning=warnings,
-                 status=None if quiet else sys.stdout)
-    app.build()
+    warnings, conf = io.StringIO(), Path(__file__).parent
+    with patch_docutils(conf), docutils_namespace():     # as sphinx-build does: each build starts from a clean docutils
+        app = Sphinx(proc, conf, out, Path(proc) / '_doctrees', 'html', freshenv=True, warning=warnings,
+                     status=None if quiet else sys.stdout)
+        app.build()
     if app.statuscode or warnings.getvalue():
         raise DocsError(f"the site has problems:\n{where_warned(warnings.getvalue(), pages)}")
     (Path(out) / '.nojekyll').touch()
