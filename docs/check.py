@@ -79,7 +79,8 @@ class Chromium:
         for e in self.events:
             m, p = e.get('method'), e.get('params', {})
             if m == 'Runtime.exceptionThrown':
-                d = p['exceptionDetails']; problems.append(f"JavaScript error: {d.get('exception', {}).get('description') or d.get('text')}")
+                d = p['exceptionDetails']
+                problems.append(f"JavaScript error: {d.get('exception', {}).get('description') or d.get('text')}")
             elif m == 'Runtime.consoleAPICalled' and p.get('type') in ('error', 'assert'):
                 problems.append('console error: ' + ' '.join(str(a.get('value', a.get('description', ''))) for a in p.get('args', [])))
             elif m == 'Log.entryAdded' and p['entry'].get('level') == 'error':

@@ -223,8 +223,10 @@ class Page:
         obj, owner = ns[names[0]], None
         for i, n in enumerate(names[1:], 1):
             owner = obj
-            try: obj = inspect.getattr_static(obj, n) if isinstance(inspect.getattr_static(obj, n, None), property) else getattr(obj, n)
-            except AttributeError: raise DocsError(f"{where(self.rel, cell)}: `{src}`: {'.'.join(names[:i])} has no attribute {n!r}") from None
+            try: obj = inspect.getattr_static(obj, n) if isinstance(inspect.getattr_static(obj, n, None), property) \
+                       else getattr(obj, n)
+            except AttributeError:
+                raise DocsError(f"{where(self.rel, cell)}: `{src}`: {'.'.join(names[:i])} has no attribute {n!r}") from None
         home = getattr(obj.fget if isinstance(obj, property) else obj, '__module__', None) or ''
         module = home if home.split('.')[0] == LIB else mod.__name__
         if any(k.arg == 'name' for k in call.keywords):
@@ -234,9 +236,9 @@ class Page:
     def add_data_docs(self):
         "A `show_doc` for each public constant an exported cell defines, as nbdev's `add_show_docs` does for functions."
         shown = {nbdev_procs._get_nm(t) for c in self.nb.cells for t in nbdev_procs._show_docs(c.parsed_() or [])}
+        public = set(getattr(self.module(), '__all__', []))
         for cell in reversed(self.nb.cells):
             if not nbdev_procs._want_doc(cell): continue
-            public = set(getattr(self.module(), '__all__', []))
             targets = [n.id for node in (cell.parsed_() or []) if isinstance(node, (ast.Assign, ast.AnnAssign))
                        for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
                        for n in ast.walk(t) if isinstance(n, ast.Name)]     # `OK, FAILED = 0, 1` too
@@ -250,11 +252,13 @@ class Page:
         if nbdev_procs._default_exp(nb) is not None: self.add_data_docs()
         home = {n: c.nb_index_ for c in nb.cells if 'nb_index_' in c and nbdev_procs._want_doc(c)
                 for n in nbdev_procs._def_names(c, set())}
-        nb.cells.append(mk_cell('', 'markdown', metadata=AttrDict()))   # nbdev's mv_exports looks one past an `exports` cell
+        end = mk_cell('', 'markdown', metadata=AttrDict())   # nbdev's mv_exports looks one past an `exports` cell
+        nb.cells.append(end)
         NBProcessor(nb=nb, procs=NBDEV_PROCS, rm_directives=True).process()
-        nb.cells.pop()
+        nb.cells = [c for c in nb.cells if c is not end]
         # nbdev compares a patched function's bare name (`mc_preds`) with the shown `Learner.mc_preds`, and shows it twice
-        shown = {nbdev_procs._get_nm(t) for c in nb.cells if 'nb_index_' in c for t in nbdev_procs._show_docs(c.parsed_() or [])}
+        shown = {nbdev_procs._get_nm(t) for c in nb.cells if 'nb_index_' in c
+                 for t in nbdev_procs._show_docs(c.parsed_() or [])}
         nb.cells = [c for c in nb.cells if not (c.get('has_sd') and c.source.strip()[len('show_doc('):-1] in shown)]
         last = 0
         for c in nb.cells:                      # a show_doc nbdev added points at the cell that defines its name
@@ -292,7 +296,8 @@ class Page:
         "One saved output: a plot as an image file, HTML as raw HTML, markdown inline, text in an output block."
         kind = o.get('output_type')
         if kind == 'stream':
-            return fence(''.join(o.get('text', '')).rstrip('\n'), '{code-block} text\n:class: cell-output' + (' stderr' if o.get('name') == 'stderr' else ''))
+            stderr = ' stderr' if o.get('name') == 'stderr' else ''
+            return fence(''.join(o.get('text', '')).rstrip('\n'), '{code-block} text\n:class: cell-output' + stderr)
         if kind == 'error':
             tb = nbdev_procs._re_ansi_escape.sub('', '\n'.join(o.get('traceback', [])))
             return fence(tb, '{code-block} text\n:class: cell-output stderr')
@@ -316,7 +321,8 @@ class Page:
         for i, c in enumerate(self.nb.cells):
             md = self.cell_markdown(c, link, indexed)
             if i == 0 and c.cell_type == 'markdown' and md:   # nbdev's `# Title` + `> summary`: the summary as a lead
-                md[0] = re.sub(r'\A(#[^\n]*\n)> ?([^\n]*(?:\n> ?[^\n]*)*)', lambda m: f"{m[1]}\n{{.lead}}\n{m[2].replace(chr(10) + '>', ' ')}", md[0])
+                md[0] = re.sub(r'\A(#[^\n]*\n)> ?([^\n]*(?:\n> ?[^\n]*)*)',
+                               lambda m: f"{m[1]}\n{{.lead}}\n{m[2].replace(chr(10) + '>', ' ')}", md[0])
             if md: self.starts.append((line, c))
             for b in md: blocks.append(b); line += b.count('\n') + 2
         return '\n\n'.join(blocks) + '\n'
