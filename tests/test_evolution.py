@@ -14,6 +14,7 @@ SCRIPTS = TESTS / 'es_scripts'
 sys.path.insert(0, str(SCRIPTS))
 import es_common  # noqa: E402
 from launch import torchrun
+from capabilities import require_dtype
 
 def params(m): return [p.detach().clone() for p in m.parameters()]
 def same(a, b): return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
