@@ -463,6 +463,17 @@ def test_bad_call_leaves_module_unchanged(kind, hold, n_in):
 
 # ---- bad input
 
+def test_lazy_module_is_refused_untouched_then_wrapped_after_its_first_call():
+    "A lazy layer has no weight shape to draw for: wrapping it is refused and leaves it as it was; after one call it wraps and trains."
+    lazy = nn.LazyLinear(4); w = lazy.weight
+    with pytest.raises(ValueError, match="layer_names: parameter 'weight' of the lazy LazyLinear has no shape yet; call") :
+        WeightDropout(lazy, 0.5)
+    assert lazy.weight is w and 'weight' in lazy._parameters and not is_hijacked(lazy)
+    lazy(_x(2, 3))
+    wd = WeightDropout(lazy, 0.5)
+    wd(_x(2, 3)).sum().backward()
+    assert wd.weight_raw.shape == (4, 3) and wd.weight_raw.grad is not None
+
 def _no_glob(s): return not any(c in s for c in '*?[')
 
 bad_names = st.one_of(

@@ -85,6 +85,9 @@ def select_weights(module:nn.Module, # Module whose parameters are searched
                 raise ValueError(f"layer_names: {n!r} (matched by {pat!r}) is the raw weight of a wrapper inside "
                                  f"{type(module).__name__}; wrapping it again would stack two wrappers on one weight. "
                                  "Leave it out of layer_names (use a narrower pattern), or unwrap the inner wrapper first")
+            if isinstance(params[n], nn.parameter.UninitializedParameter):
+                raise ValueError(f"layer_names: parameter {n!r} of the lazy {type(module).__name__} has no shape yet; call "
+                                 "the module once on an example input, then wrap it")
             if not params[n].is_floating_point():
                 raise TypeError(f"layer_names: parameter {n!r} has dtype {params[n].dtype}; only floating-point (real) "
                                 "weights can be transformed, leave it out of layer_names")
