@@ -115,7 +115,7 @@ def _schedulable(m:nn.Module, name:str) -> bool:
 
 # %% ../nbs/04_callbacks.ipynb #47a4f1da
 class DropScheduler(ParamScheduler):
-    "Schedule `weight_p`, `embed_p` or `std` of the hijacked modules over training, recorded like fastai's hyper-parameters."
+    "Schedule a `Schedulable` of the hijacked modules (`weight_p`, `embed_p`, `std`, Mixout's `p`) over training, recorded like fastai's hyper-parameters."
     order = ParamScheduler.order + 1
     def __init__(self,
         scheds:dict, # Attribute name -> fastai schedule, e.g. {'weight_p': SchedLin(0., 0.5)}
