@@ -7,19 +7,14 @@ models (median ratio, lowest-highest). This is a measurement, not a test.
 
     PYTHONPATH=. python benchmarks/bench_mixout.py [--reps-large 20] [--reps-small 300] [--p 0.5] [--repeat 5]
 """
-import argparse, statistics, time
+import argparse, statistics
 import torch
 from torch import nn
 from weightdrop.dropout import WeightDropout
 from weightdrop.mixout import Mixout
+from bench_weightdrop import interleaved_medians   # the same timing as the weight-dropout table
 
 SIZES = [dict(bs=64, seq=70, n_in=400, n_hid=1152), dict(bs=8, seq=20, n_in=64, n_hid=64)]
-
-def step(model, x):
-    "One forward+backward, timed."
-    t0 = time.perf_counter()
-    model(x)[0].sum().backward()
-    return time.perf_counter() - t0
 
 def bench(bs, seq, n_in, n_hid, reps, p, warmup=3):
     torch.manual_seed(0)
@@ -27,14 +22,7 @@ def bench(bs, seq, n_in, n_hid, reps, p, warmup=3):
     models = {'plain nn.LSTM': lstm(), 'WeightDropout': WeightDropout(lstm(), p), 'Mixout': Mixout(lstm(), p)}
     with torch.no_grad():   # weights away from the target, as after some fine-tuning
         models['Mixout'].weight_hh_l0_raw.add_(0.01)
-    x = torch.randn(bs, seq, n_in)
-    times = {k: [] for k in models}
-    for r in range(warmup + reps):
-        for k in (list(models) if r % 2 == 0 else list(models)[::-1]):
-            models[k].zero_grad(set_to_none=True)
-            t = step(models[k], x)
-            if r >= warmup: times[k].append(t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return interleaved_medians(models, torch.randn(bs, seq, n_in), reps, warmup)
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -41,16 +41,19 @@ def bench(bs, seq, n_in, n_hid, reps, p, warmup=3):
               'fastai WeightDropout': FastaiWeightDropout(lstm(), p),
               'weightdrop WeightDropout': WeightDropout(lstm(), p)}
     for m in models.values(): m.train()
-    x = torch.randn(bs, seq, n_in)
-    times = {k: [] for k in models}
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # fastai's wrapper warns about non-contiguous weights on some builds
-        for r in range(warmup + reps):
-            order = list(models) if r % 2 == 0 else list(models)[::-1]  # alternate the order too
-            for k in order:
-                models[k].zero_grad(set_to_none=True)
-                t = step(models[k], x)
-                if r >= warmup: times[k].append(t)
+        return interleaved_medians(models, torch.randn(bs, seq, n_in), reps, warmup)
+
+def interleaved_medians(models:dict, x, reps:int, warmup:int=3) -> dict:
+    "Median seconds of a forward+backward of each model on `x`, interleaved rep by rep, in alternating order."
+    times = {k: [] for k in models}
+    for r in range(warmup + reps):
+        order = list(models) if r % 2 == 0 else list(models)[::-1]  # alternate the order too
+        for k in order:
+            models[k].zero_grad(set_to_none=True)
+            t = step(models[k], x)
+            if r >= warmup: times[k].append(t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 def main():
