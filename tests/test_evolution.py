@@ -81,12 +81,23 @@ def table_slice(seed, name, p):
     o = mix_seed(seed, 'offset', name) % (TABLE.size - p.numel() + 1)
     return TABLE.noise[o:o + p.numel()].view(p.shape)
 
+def side_by_side(seed, name, p, index, count):
+    "Noise `index` of the `count` that share `seed`, by the definition: one run of slices side by side from "
+    "mix_seed(seed, 'offset', name) mod (size - count * numel + 1) (the run fits in TABLE for the models here)."
+    assert count * p.numel() <= TABLE.size
+    o = mix_seed(seed, 'offset', name) % (TABLE.size - count * p.numel() + 1) + index * p.numel()
+    return TABLE.noise[o:o + p.numel()].view(p.shape)
+
 def drawn(seed, name, p): return torch.randn(p.shape, generator=torch.Generator().manual_seed(mix_seed(seed, name)))
 
-@pytest.mark.parametrize('table, noise_of', [(None, drawn), (TABLE, table_slice)], ids=['drawn', 'table'])
+def pair_drawn(seed, k, name, p): return drawn(mix_seed(seed, 0, k), name, p)
+def pair_in_table(seed, k, name, p): return side_by_side(mix_seed(seed, 0), name, p, k, 4)
+
+@pytest.mark.parametrize('table, noise_of', [(None, pair_drawn), (TABLE, pair_in_table)], ids=['drawn', 'table'])
 def test_es_step_matches_the_openai_es_formula(table, noise_of):
     "One SGD(lr) step moves θ by lr/(nσ) Σ w_i ε_i with centered ranks, ε made here independently of the strategy: "
-    "drawn from mix_seed(seed, name), or TABLE's slice at that seed and name's offset."
+    "pair k's drawn from mix_seed(mix_seed(seed, 0, k), name), or with TABLE the k-th of the generation's 4 slices "
+    "side by side at mix_seed(seed, 0)."
     net, ref = mlp(), mlp()
     x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
     def fit(m): return -m(x).pow(2).mean().item()
@@ -94,9 +105,8 @@ def test_es_step_matches_the_openai_es_formula(table, noise_of):
     es = EvolutionStrategy(net, n, sigma, lr, seed=seed, optimizer=torch.optim.SGD, table=table)
     es.step(fit)
     noise = []
-    for i in range(n):   # expected: members 2k, 2k+1 are θ ± σ ε_k, ε_k from the seed mix_seed(seed, 0, k) and the name
-        s = mix_seed(seed, 0, i // 2)
-        noise.append({k: noise_of(s, k, p) * (-1) ** i for k, p in ref.named_parameters()})
+    for i in range(n):   # expected: members 2k, 2k+1 are θ ± σ ε_k
+        noise.append({k: noise_of(seed, i // 2, k, p) * (-1) ** i for k, p in ref.named_parameters()})
     fits = []
     for e in noise:
         m = copy.deepcopy(ref)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math, time
 from contextlib import contextmanager
 from functools import partial
+from typing import NamedTuple
 import torch
 from torch import nn, Tensor
 import torch.distributed as dist
@@ -14,8 +15,9 @@ from .validate import Checked, check_count, check_positive, check_choice, check_
 from .mutate import named_tensors, select_named, check_not_saved
 
 # %% auto #0
-__all__ = ['shapings', 'OK', 'RAISED', 'NONFINITE', 'SKIPPED', 'param_noise', 'NoiseTable', 'check_table', 'Backup', 'perturb_',
-           'perturbed', 'member_noise', 'shape_fitness', 'check_population', 'Population', 'EvolutionStrategy']
+__all__ = ['shapings', 'OK', 'RAISED', 'NONFINITE', 'SKIPPED', 'param_noise', 'NoiseTable', 'check_table', 'Backup',
+           'check_place', 'perturb_', 'perturbed', 'MemberNoise', 'member_noise', 'shape_fitness', 'check_population',
+           'Population', 'EvolutionStrategy']
 
 # %% ../nbs/23_evolution.ipynb #2409f161
 def param_noise(t:Tensor, # The parameter (its shape and device)
@@ -45,15 +47,32 @@ class NoiseTable:
         if device not in self._copies: self._copies[device] = self.noise.to(device)
         return self._copies[device]
 
-    def offset(self, seed:int, name:str, numel:int) -> int:
-        "Where the `numel` numbers of parameter `name`'s noise for a member's `seed` start."
-        assert numel <= self.size, (numel, self.size)
-        return mix_seed(seed, 'offset', name) % (self.size - numel + 1)
+    def _run(self, seed:int, name:str, numel:int, index:int, count:int) -> tuple:
+        "(start, noises in it, place in it) of the run of side-by-side slices that holds noise `index` of `count`."
+        assert 0 <= index < count and numel <= self.size, (index, count, numel, self.size)
+        per = min(count, self.size // numel)                           # slices that fit side by side
+        run, place = divmod(index, per)
+        n = min(per, count - run * per)
+        key = mix_seed(seed, 'offset', name, *([run] if run else []))
+        return key % (self.size - n * numel + 1), n, place
 
-    def slice(self, t:Tensor, seed:int, name:str) -> Tensor:
-        "Parameter `name`'s noise for a member's `seed`: a view of the table in `t`'s shape, on `t`'s device."
-        o = self.offset(seed, name, t.numel())
+    def offset(self, seed:int, name:str, numel:int, index:int=0, count:int=1) -> int:
+        "Where parameter `name`'s noise `index` of the `count` that share `seed` starts."
+        start, _, place = self._run(seed, name, numel, index, count)
+        return start + place * numel
+
+    def slice(self, t:Tensor, seed:int, name:str, index:int=0, count:int=1) -> Tensor:
+        "Parameter `name`'s noise `index` of the `count` that share `seed`: a view of the table in `t`'s shape, on `t`'s device."
+        o = self.offset(seed, name, t.numel(), index, count)
         return self.on(t.device)[o:o + t.numel()].view(t.shape)
+
+    def columns(self, t:Tensor, seed:int, name:str, count:int) -> list:
+        "The `count` noises that share `seed`, as [(first index, (numel, n) view whose columns are the slices)]."
+        runs, i, numel = [], 0, t.numel()
+        while i < count:
+            start, n, _ = self._run(seed, name, numel, i, count)
+            runs.append((i, self.on(t.device).as_strided((numel, n), (1, numel), start))); i += n
+        return runs
 
     def __repr__(self): return f"NoiseTable(size={self.size}, seed={self.seed})"
     def __reduce__(self): return NoiseTable, (self.size, self.seed)   # pickled as its recipe, not its numbers
@@ -117,14 +136,24 @@ def _perturbable(model, include, exclude) -> list:
     if bad: raise TypeError(f"perturb_ needs floating-point parameters; {bad} are not: pass exclude={bad}")
     return named
 
-def _add_noise_(t:Tensor, e:Tensor, scale:float):
-    if t.element_size() < 4: t.copy_(t.float().add_(e, alpha=scale))   # bf16/fp16: add in float32, round once
-    else: t.add_(e, alpha=scale)
+def _add_noise(t:Tensor, e:Tensor, scale:float, out:Tensor|None=None) -> Tensor:
+    "`t + scale·e`, into `out` (`t` itself when `None`); bf16/fp16 weights add in float32 and round once."
+    if out is None: out = t
+    if t.element_size() < 4: return out.copy_(t.float().add_(e, alpha=scale))
+    return torch.add(t, e, alpha=scale, out=out)
 
-def _noise(t:Tensor, seed:int, name:str, table:NoiseTable|None, out:Tensor|None) -> Tensor:
+def _noise(t:Tensor, seed:int, name:str, table:NoiseTable|None, out:Tensor|None, index:int=0, count:int=1) -> Tensor:
     "Parameter `name`'s noise for `seed`: a slice of `table`, or drawn from its own stream into the flat buffer `out`."
-    if table is not None: return table.slice(t, seed, name)
+    if table is not None: return table.slice(t, seed, name, index, count)
     return param_noise(t, seed, name, out=out[:t.numel()].view(t.shape))
+
+def check_place(index, count, table):
+    "Raise unless `count` is an int >= 1 and `index` an int in [0, count), and both are 0 and 1 without a table."
+    check_count(count, 'count', minimum=1); check_count(index, 'index', minimum=0)
+    if index >= count: raise ValueError(f"index must be < count ({count}), got {index}: noise index of count side by side")
+    if table is None and (index, count) != (0, 1): raise ValueError(
+        f"index={index} and count={count} place a noise among slices of a NoiseTable; drawn noise (table=None) has "
+        f"no place: pass table=NoiseTable(...), or leave index=0 and count=1")
 
 def perturb_(model, # `nn.Module`, dict of named tensors or list of (name, tensor) pairs
              seed:int, # The member's seed: with each parameter's name, it defines the noise
@@ -136,11 +165,13 @@ def perturb_(model, # `nn.Module`, dict of named tensors or list of (name, tenso
              backup:Backup|None=None, # An up-to-date `Backup` of these parameters to reuse; `None`: save them now
              check_graph:bool=True, # Raise if a live autograd graph saved a parameter about to change
              table:NoiseTable|None=None, # Slice the noise from this `NoiseTable`; `None`: draw it (`param_noise`)
+             index:int=0, # With a table: which of the `count` side-by-side noises that share `seed`
+             count:int=1, # With a table: how many noises share `seed` (a `Population`'s pairs per generation)
             ) -> Backup: # What restores the parameters bit for bit
     "Add `sigma` times each chosen parameter's noise for `seed` to it, in place; return the `Backup` that undoes it."
     named = _perturbable(model, include, exclude)
     check_count(seed, 'seed', minimum=0); sigma = check_positive(sigma, 'sigma', example=0.02); check_flag(mirror, 'mirror')
-    check_table(table, named)
+    check_table(table, named); check_place(index, count, table)
     if check_graph: check_not_saved(named, 'perturb_')
     if backup is None: backup = Backup(named)
     else: backup.check(named)
@@ -148,7 +179,7 @@ def perturb_(model, # `nn.Module`, dict of named tensors or list of (name, tenso
     try:
         with torch.no_grad():
             for n, t in named:
-                _add_noise_(t, _noise(t, seed, n, table, None if table is not None else backup.scratch), scale)
+                _add_noise(t, _noise(t, seed, n, table, None if table is not None else backup.scratch, index, count), scale)
     except BaseException: backup.restore_(); raise
     return backup
 
@@ -158,7 +189,7 @@ def perturbed(model, # `nn.Module`, dict of named tensors or list of (name, tens
               sigma:float, # Scale of the noise
               include=None, # Glob pattern(s) of parameter names to perturb; `None`: all
               exclude=None, # Glob pattern(s) of parameter names to leave alone
-              **kwargs # Passed on to `perturb_`: mirror, backup, check_graph, table
+              **kwargs # Passed on to `perturb_`: mirror, backup, check_graph, table, index, count
              ):
     "Within the block, `model`'s chosen parameters are perturbed by `perturb_`; leaving it restores them bit for bit."
     backup = perturb_(model, seed, sigma, include, exclude, **kwargs)
@@ -168,10 +199,23 @@ def perturbed(model, # `nn.Module`, dict of named tensors or list of (name, tens
 # %% ../nbs/23_evolution.ipynb #cc939fca
 shapings = ('centered_ranks', 'zscore', 'none')
 
-def member_noise(seed:int, generation:int, member:int, antithetic:bool=True) -> tuple: # (noise seed, mirror)
-    "The noise seed of `member` in `generation`, and whether it subtracts the noise (the second of an antithetic pair)."
-    if antithetic: return mix_seed(seed, generation, member // 2), member % 2 == 1
-    return mix_seed(seed, generation, member), False
+class MemberNoise(NamedTuple):
+    "Where a member's noise comes from, as `perturb_` takes it."
+    seed:int        # The noise's seed
+    mirror:bool     # Subtract the noise: the second member of an antithetic pair
+    index:int = 0   # With a table: its place among the `count` noises that share `seed`
+    count:int = 1   # With a table: the noises side by side under `seed`; 1 for drawn noise
+
+def member_noise(seed:int, # Base seed of the population
+                 generation:int, # The generation
+                 member:int, # The member
+                 antithetic:bool=True, # Members come in mirrored pairs
+                 popsize:int|None=None, # With a `NoiseTable`: the population's size; `None` for drawn noise
+                ) -> MemberNoise:
+    "The noise of `member` in `generation`: its own seed, or with a table its place among the generation's noises."
+    k, mirror = (member // 2, member % 2 == 1) if antithetic else (member, False)
+    if popsize is None: return MemberNoise(mix_seed(seed, generation, k), mirror)
+    return MemberNoise(mix_seed(seed, generation), mirror, k, popsize // 2 if antithetic else popsize)
 
 def shape_fitness(fitness:Tensor, # One value per member
                   shaping:str='centered_ranks' # One of `shapings`
@@ -229,6 +273,7 @@ class Population:
         self.table, self.times = check_table(table, self.named), {}
         self.popsize, self.seed, self.antithetic = popsize, seed, antithetic
         self.group, self.rank, self.world = _world(group)
+        self._scratch = self._grads = self._draw = None               # kept from one generation to the next
         if self.world > 1: self._broadcast()
 
     def _broadcast(self):
@@ -243,7 +288,21 @@ class Population:
         u = 2 if self.antithetic else 1
         return [k * u + j for k in range(rank, self.popsize // u, self.world) for j in range(u)]
 
-    def noise_of(self, member:int) -> tuple: return member_noise(self.seed, self.generation, member, self.antithetic)
+    def noise_of(self, member:int) -> MemberNoise:
+        "Where `member`'s noise in this generation comes from (`member_noise`)."
+        return member_noise(self.seed, self.generation, member, self.antithetic, None if self.table is None else self.popsize)
+
+    @contextmanager
+    def perturbed(self, member:int):
+        "Within the block the chosen parameters are `member`'s, in place (`perturbed`); leaving it restores them."
+        n = self.noise_of(member)
+        with perturbed(self.named, n.seed, self.sigma, mirror=n.mirror, table=self.table, index=n.index, count=n.count) as b:
+            yield b
+
+    def _draw_buffer(self) -> Tensor:
+        "A float32 CPU buffer as large as the largest parameter, to draw one parameter's noise into."
+        if self._draw is None: self._draw = torch.empty(max(t.numel() for _, t in self.named))
+        return self._draw
 
     def state_dict(self) -> dict:
         return dict(generation=self.generation, seed=self.seed, popsize=self.popsize, antithetic=self.antithetic,
@@ -273,17 +332,27 @@ def _block(pop:Population, key:float) -> Tensor:
     block[:_HEAD] = torch.tensor([pop.generation, pop.seed % 2**52, pop.popsize, *table, key], dtype=torch.float64)
     return block
 
+@contextmanager
+def _showing(pop:Population, noise:MemberNoise):
+    "Within the block the chosen parameters show `noise`'s member, computed into scratch tensors; theirs stay unwritten."
+    if pop._scratch is None: pop._scratch = [torch.empty_like(t, requires_grad=False) for _, t in pop.named]
+    own = [t.data for _, t in pop.named]
+    buf = pop._draw_buffer() if pop.table is None else None
+    scale = -pop.sigma if noise.mirror else pop.sigma
+    try:
+        with torch.no_grad():
+            for (n, t), o, s in reversed(list(zip(pop.named, own, pop._scratch))):
+                _add_noise(o, _noise(o, noise.seed, n, pop.table, buf, noise.index, noise.count), scale, out=s)
+                t.data = s
+        yield
+    finally:
+        for (_, t), o in zip(pop.named, own): t.data = o
+
 def _score(pop:Population, fitness_fn, block:Tensor) -> tuple|None:
     "Fill `block` with this rank's (fitness, status) pairs; return (member, exception) if `fitness_fn` raised."
-    backup = None
     for slot, m in enumerate(pop.members_of(pop.rank)):
-        s, mirror = pop.noise_of(m)
         try:
-            backup = perturb_(pop.named, s, pop.sigma, mirror=mirror, backup=backup, check_graph=False,
-                              table=pop.table)
-            try:
-                with torch.no_grad(): f = float(fitness_fn(pop.model))
-            finally: backup.restore_()
+            with _showing(pop, pop.noise_of(m)), torch.no_grad(): f = float(fitness_fn(pop.model))
         except Exception as e:
             block[_HEAD + 2 * slot:_HEAD + 2 + 2 * slot] = torch.tensor([math.nan, RAISED])
             return m, e
@@ -341,28 +410,37 @@ def _evaluate(self:Population, fitness_fn, # fitness_fn(model) -> float, higher 
 Population.evaluate = _evaluate
 
 # %% ../nbs/23_evolution.ipynb #9a07dc86
+def _estimate(self:Population, fitness:Tensor, scale:float, out:list) -> list:
+    "`scale · Σ_k c_k ε_k` into the float32 tensors `out`, one per parameter; `c_k` the shaped fitness of noise `k`."
+    w = shape_fitness(fitness, self.shaping)
+    c = (w[0::2] - w[1::2] if self.antithetic else w) * scale         # a mirrored member subtracts its pair's noise
+    u = 2 if self.antithetic else 1
+    for (n, t), g in zip(self.named, out):
+        if self.table is None:
+            g.zero_(); buf = self._draw_buffer()
+            for k, ck in enumerate(c.tolist()): g.add_(_noise(t, self.noise_of(k * u).seed, n, None, buf), alpha=ck)
+            continue
+        cd, flat = c.to(device=t.device, dtype=torch.float32), g.view(-1)
+        for first, cols in self.table.columns(t, self.noise_of(0).seed, n, len(c)):
+            ck = cd[first:first + cols.shape[1]]
+            if first == 0: torch.mv(cols, ck, out=flat)
+            else: flat.addmv_(cols, ck)
+    return out
+
 def _grad_estimate(self:Population, fitness:Tensor # Every member's fitness, as `evaluate` returns it
                   ) -> list: # One float32 tensor per parameter, in `self.named`'s order
     "The OpenAI-ES estimate of the gradient of the expected fitness, `Σ w_i ε_i / (n σ)`, rebuilt from the seeds."
-    coef = {}                                          # noise seed -> weight; a mirrored member subtracts
-    for m, w in enumerate(shape_fitness(fitness, self.shaping).tolist()):
-        s, mirror = self.noise_of(m)
-        coef[s] = coef.get(s, 0.) + (-w if mirror else w)
-    scale, grads = 1 / (self.popsize * self.sigma), []
-    buf = torch.empty(max(t.numel() for _, t in self.named)) if self.table is None else None
-    for n, t in self.named:
-        g = torch.zeros(t.shape, dtype=torch.float32, device=t.device)
-        for s, c in coef.items(): g.add_(_noise(t, s, n, self.table, buf), alpha=c * scale)
-        grads.append(g)
-    return grads
+    out = [torch.empty(t.shape, dtype=torch.float32, device=t.device) for _, t in self.named]
+    return _estimate(self, fitness, 1 / (self.popsize * self.sigma), out)
 
 def _set_grad_(self:Population, fitness:Tensor # Every member's fitness
               ):
     "Put minus the estimate in each parameter's `.grad` (optimizers minimise; fitness is maximised)."
-    for (_, t), g in zip(self.named, self.grad_estimate(fitness)):
-        g = g.neg_().to(t.dtype)
+    if self._grads is None: self._grads = [torch.empty(t.shape, dtype=torch.float32, device=t.device) for _, t in self.named]
+    for (_, t), g in zip(self.named, _estimate(self, fitness, -1 / (self.popsize * self.sigma), self._grads)):
+        if t.dtype != g.dtype: g = g.to(t.dtype)
         if t.grad is None: t.grad = g
-        else: t.grad.copy_(g)
+        elif t.grad is not g: t.grad.copy_(g)
 
 Population.grad_estimate, Population.set_grad_ = _grad_estimate, _set_grad_
 
