@@ -4,6 +4,7 @@ In one run:
 1. Time per member of perturbing a model and putting it back (4 x Linear(1024, 1024), about 4.2M parameters), and of
    a whole member with a fitness forward on a batch of 64:
    - weightdrop: `perturb_(model, seed, sigma, backup=one_backup_per_generation)`, then `backup.restore_()`;
+   - weightdrop's `Population.evaluate`, which shows each member through scratch copies swapped in by `.data`;
    - per-member `copy.deepcopy(model)`, then noise added to the copy's parameters;
    - the flat vector, as EvoTorch does: `vector_to_parameters(theta + sigma * eps, params)` per member, `theta` from
      `parameters_to_vector` once per generation.
@@ -12,14 +13,16 @@ In one run:
 3. Members per second of a whole generation on 1 and 2 processes (torchrun, gloo) for four approaches: weightdrop's
    `EvolutionStrategy.step` with drawn noise and with a `NoiseTable` (default size, 2^25 numbers) all-gathers the
    fitness only; the two baselines all-reduce the fitness and then each rank's partial gradient estimate. All use fused
-   Adam. Twice: with a fitness of one forward on a batch of 64 (the noise dominates), and of 1024 (scoring
-   dominates). Bytes each rank sends per generation, counted by wrapping `torch.distributed`'s collectives. For
+   Adam. Twice: with a fitness of one forward on a batch of 64 (the noise dominates), in `--rounds` rounds of a
+   1-process and a 2-process run (medians, and the median of the rounds' paired speed-ups: the machine is shared and
+   noisy), and of 1024 (scoring dominates), in one round. Bytes each rank sends per generation, counted by wrapping `torch.distributed`'s collectives. For
    weightdrop, the milliseconds of a generation spent scoring the rank's members, in the all-gather (with the wait for
    the slower rank) and in the update (the estimate, then the optimizer's step), from `step`'s statistics.
 4. Memory overhead of a generation: each contender in a fresh process, its peak RSS (VmHWM, reset through
    /proc/self/clear_refs once the model is built) above the resident size at that point, in bytes and in model sizes.
 
-Run: PYTHONPATH=. python benchmarks/bench_evolution.py [--reps 5] [--popsize 16] [--generations 4] [--scaling-only]
+Run: PYTHONPATH=. python benchmarks/bench_evolution.py [--reps 5] [--popsize 16] [--generations 4] [--rounds 3] [--kinds ...]
+[--scaling-only]
 """
 import argparse, copy, json, os, socket, statistics, subprocess, sys, time
 import torch, torch.distributed as dist
@@ -73,8 +76,11 @@ def per_member_table(reps, popsize):
     model, x = make_model(), batch()
     n = sum(p.numel() for p in model.parameters())
     params = list(model.parameters())
+    from weightdrop.evolution import Population
+    pop = Population(model, popsize, 0.02, antithetic=False)
     def generation(kind, score):
-        if kind == 'weightdrop':
+        if kind == 'population': pop.evaluate(score)
+        elif kind == 'weightdrop':
             bk = None
             for s in range(popsize): _, bk = weightdrop_member(model, s, score, bk)
         elif kind == 'deepcopy':
@@ -85,15 +91,15 @@ def per_member_table(reps, popsize):
             vector_to_parameters(theta, params)
     rows = []
     for label, score in (('perturb and restore only', lambda m: 0.), (f'with a fitness forward (batch {BATCH})', fitness(x))):
-        (tw, td, tf), (_, rd, rf) = interleaved([lambda: generation('weightdrop', score), lambda: generation('deepcopy', score),
-                                                lambda: generation('flat', score)], reps)
-        rows.append(f"| {label} | {tw / popsize * 1e3:.1f} | {td / popsize * 1e3:.1f} ({rd:.2f}x) | "
-                    f"{tf / popsize * 1e3:.1f} ({rf:.2f}x) |")
+        (tw, tp, td, tf), (_, rp, rd, rf) = interleaved(
+            [lambda k=k: generation(k, score) for k in ('weightdrop', 'population', 'deepcopy', 'flat')], reps)
+        rows.append(f"| {label} | {tw / popsize * 1e3:.1f} | {tp / popsize * 1e3:.1f} ({rp:.2f}x) | "
+                    f"{td / popsize * 1e3:.1f} ({rd:.2f}x) | {tf / popsize * 1e3:.1f} ({rf:.2f}x) |")
     print(f"## Per member: {n / 1e6:.1f}M parameters ({LAYERS} x Linear({WIDTH}, {WIDTH})), popsize {popsize}, "
           f"1 thread, medians of {reps} interleaved generations\n")
-    print("| member | weightdrop `perturb_` + `restore_` (ms) | deepcopy + perturb (ms, vs weightdrop) | "
-          "flat vector, EvoTorch-style (ms, vs weightdrop) |")
-    print("|---|---:|---:|---:|")
+    print("| member | weightdrop `perturb_` + `restore_` (ms) | weightdrop `Population.evaluate`, scratch copy shown "
+          "(ms, vs `perturb_`) | deepcopy + perturb (ms, vs `perturb_`) | flat vector, EvoTorch-style (ms, vs `perturb_`) |")
+    print("|---|---:|---:|---:|---:|")
     for r in rows: print(r)
 
 def noise_streams(reps):
@@ -144,7 +150,7 @@ def baseline_step(kind, model, params, opt, popsize, g, rank, world, score, sigm
 
 def adam(params): return torch.optim.Adam(params, lr=0.01, fused=True)   # what EvolutionStrategy uses by default
 
-def worker(out, popsize, generations, bs):
+def worker(out, popsize, generations, bs, kinds):
     sent = []
     def counting(fn, arg):
         def wrapped(*a, **k):
@@ -159,7 +165,7 @@ def worker(out, popsize, generations, bs):
     dist.init_process_group('gloo'); rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     x, res, table = batch(bs), {}, NoiseTable()       # the table is built once, before any timing
-    for kind in KINDS:
+    for kind in kinds:
         model = make_model(); params = list(model.parameters()); split = []
         if kind.startswith('weightdrop'):
             es = EvolutionStrategy(model, popsize, 0.02, 0.01, table=table if kind == 'weightdrop_table' else None)
@@ -194,12 +200,13 @@ def worker(out, popsize, generations, bs):
 def free_port():
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
-def run_workers(nproc, popsize, generations, bs, tmp):
+def run_workers(nproc, popsize, generations, bs, tmp, kinds):
     out = os.path.join(tmp, f'w{nproc}_{bs}.json')
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     subprocess.run([sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_port',
                     str(free_port()), __file__, '--worker', out, '--popsize', str(popsize), '--generations',
-                    str(generations), '--batch', str(bs)], env=env, check=True, capture_output=True)
+                    str(generations), '--batch', str(bs), '--kinds', ','.join(kinds)], env=env, check=True,
+                   capture_output=True)
     return json.load(open(out))
 
 KINDS = ('weightdrop', 'weightdrop_table', 'deepcopy', 'flat')
@@ -207,34 +214,50 @@ LABELS = dict(weightdrop='weightdrop `EvolutionStrategy.step`, drawn noise',
               weightdrop_table='weightdrop `EvolutionStrategy.step`, `NoiseTable`',
               deepcopy='deepcopy + perturb per member', flat='flat vector per member (EvoTorch-style)')
 
-def scaling_table(popsize, generations, bs):
+def scaling_table(popsize, generations, bs, rounds=1, kinds=KINDS):
+    "Alternate 1- and 2-process runs `rounds` times (the order flipped each round, against drift in the machine's "
+    "load); report medians over the rounds, and the speed-up as the median of each round's paired ratio."
     import tempfile
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        one, two = (run_workers(n, popsize, generations, bs, tmp) for n in (1, 2))
-    n = one['n_params']
+        for r in range(rounds):
+            order = (1, 2) if r % 2 == 0 else (2, 1)
+            got = {n: run_workers(n, popsize, generations, bs, tmp, kinds) for n in order}
+            runs.append((got[1], got[2]))
+    med = statistics.median
+    def rate(k, world, key='members_per_s'): return med(run[world - 1][k][key] for run in runs)
+    def ratio(k, key='members_per_s', base=None):
+        "Median over the rounds of k's 2-process rate over its 1-process rate, or over `base`'s 2-process rate."
+        return med(run[1][k][key] / (run[1][base] if base else run[0][k])[key] for run in runs)
+    n = runs[0][0]['n_params']
     print(f"\n## A whole generation on 1 and 2 processes: fitness = one forward of a batch of {bs} (torchrun, gloo, 1 "
-          f"thread each), popsize {popsize}, {generations} generations after a warm-up, load average "
-          f"{os.getloadavg()[0]:.1f} at the end\n")
+          f"thread each), popsize {popsize}, {generations} generations after a warm-up, "
+          f"{rounds} round{'s' * (rounds > 1)} of 1 and 2 processes, load average {os.getloadavg()[0]:.1f} at the end\n")
     print("Members/s: wall clock; in brackets, members per CPU-second of the busiest rank, the rate with a free core "
-          "per rank.\n")
+          "per rank." + (" Medians over the rounds; the speed-up is the median of the rounds' paired ratios, with "
+                         "their range." if rounds > 1 else "") + "\n")
     print("| approach | members/s, 1 process | members/s, 2 processes | speed-up | vs weightdrop drawn, 2 processes | "
           "bytes sent per rank per generation (2 processes) | in parameters' float32 bytes |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for k in KINDS:
-        a, b, w = (r[k]['members_per_s'] for r in (one, two, {k: two['weightdrop']}))
-        ac, bc, wc = (r[k]['members_per_cpu_s'] for r in (one, two, {k: two['weightdrop']}))
-        sent = two[k]['bytes_per_gen']
-        print(f"| {LABELS[k]} | {a:.1f} ({ac:.1f}) | {b:.1f} ({bc:.1f}) | {b / a:.2f}x ({bc / ac:.2f}x) | "
-              f"{b / w:.2f}x ({bc / wc:.2f}x) | {sent:,} | {sent / (4 * n):.2g} |")
-    print(f"\nA weightdrop generation, split (ms per generation, mean over generations and ranks; the all-gather includes "
-          f"the wait for the slower rank):\n")
+    for k in kinds:
+        ups = sorted(run[1][k]['members_per_s'] / run[0][k]['members_per_s'] for run in runs)
+        spread = f" [{ups[0]:.2f}–{ups[-1]:.2f}]" if rounds > 1 else ""
+        vs = (f"{ratio(k, base='weightdrop'):.2f}x ({ratio(k, 'members_per_cpu_s', 'weightdrop'):.2f}x)"
+              if 'weightdrop' in kinds else "–")
+        sent = runs[0][1][k]['bytes_per_gen']
+        print(f"| {LABELS[k]} | {rate(k, 1):.1f} ({rate(k, 1, 'members_per_cpu_s'):.1f}) | {rate(k, 2):.1f} "
+              f"({rate(k, 2, 'members_per_cpu_s'):.1f}) | {ratio(k):.2f}x{spread} ({ratio(k, 'members_per_cpu_s'):.2f}x) "
+              f"| {vs} | {sent:,} | {sent / (4 * n):.2g} |")
+    print(f"\nA weightdrop generation, split (ms per generation, mean over generations and ranks, median over the "
+          f"rounds; the all-gather includes the wait for the slower rank):\n")
     print("| noise | processes | evaluate | all-gather | update: estimate | update: Adam step | update, share of the generation |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for k in ('weightdrop', 'weightdrop_table'):
-        for r in (one, two):
-            ev, ga, est, opt = r[k]['split_ms']
-            print(f"| {'drawn' if k == 'weightdrop' else 'table'} | {r['world']} | {ev:.0f} | {ga:.0f} | {est:.0f} | "
-                  f"{opt:.0f} | {(est + opt) / (ev + ga + est + opt):.0%} |")
+    for k in [k for k in ('weightdrop', 'weightdrop_table') if k in kinds]:
+        for world in (1, 2):
+            ev, ga, est, opt = (med(run[world - 1][k]['split_ms'][i] for run in runs) for i in range(4))
+            share = med((lambda e, g, s, o: (s + o) / (e + g + s + o))(*run[world - 1][k]['split_ms']) for run in runs)
+            print(f"| {'drawn' if k == 'weightdrop' else 'table'} | {world} | {ev:.0f} | {ga:.0f} | {est:.0f} | "
+                  f"{opt:.0f} | {share:.0%} |")
 
 # ---- memory overhead, each contender in a fresh process
 
@@ -304,11 +327,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--reps', type=int, default=5); ap.add_argument('--popsize', type=int, default=16)
     ap.add_argument('--generations', type=int, default=4)
+    ap.add_argument('--rounds', type=int, default=3, help='alternating 1- and 2-process runs at the cheap fitness')
+    ap.add_argument('--kinds', default=','.join(KINDS), help='comma-separated approaches for the scaling tables')
     ap.add_argument('--batch', type=int, default=BATCH, help='worker: fitness batch size')
     ap.add_argument('--worker'); ap.add_argument('--mem')
     ap.add_argument('--scaling-only', action='store_true', help='only the 1- and 2-process tables')
     a = ap.parse_args()
-    if a.worker: return worker(a.worker, a.popsize, a.generations, a.batch)
+    kinds = tuple(a.kinds.split(','))
+    if a.worker: return worker(a.worker, a.popsize, a.generations, a.batch, kinds)
     if a.mem: return mem_worker(a.mem, a.popsize)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, CPU, load average {os.getloadavg()[0]:.1f} at the start\n")
@@ -318,7 +344,8 @@ def main():
     print("\nThe two baselines below all-reduce the fitness and then each rank's partial gradient estimate, as a "
           "data-parallel ES does;\nweightdrop all-gathers the fitness only and every rank rebuilds the whole estimate "
           "from the seeds, redrawing the noise or slicing a NoiseTable.")
-    for bs in (BATCH, 16 * BATCH): scaling_table(a.popsize, a.generations, bs)
+    scaling_table(a.popsize, a.generations, BATCH, a.rounds, kinds)
+    scaling_table(a.popsize, a.generations, 16 * BATCH, 1, kinds)
     if not a.scaling_only: memory_table(a.popsize)
 
 if __name__ == '__main__': main()

@@ -199,6 +199,98 @@ def test_table_is_its_seed_and_size_in_pickles_and_checkpoints():
     assert len(pickle.dumps(TABLE)) < 200 and torch.equal(pickle.loads(pickle.dumps(TABLE)).noise, TABLE.noise)
     assert copy.deepcopy(TABLE) is TABLE
 
+def test_a_generation_lies_side_by_side_and_runs_split_what_does_not_fit():
+    "With a table, pair k of a generation's P is noise k of P side by side from mix_seed(seed, generation); where P "
+    "slices of a parameter don't fit, they go in runs of size // numel, each at its own offset. The estimate equals "
+    "Σ c_k ε_k / (nσ) summed here in float64 from that definition, and the slices of one run never overlap."
+    table = NoiseTable(2**12, seed=3)        # 4,096 numbers: the 256-weight layer's 24 pairs go in runs of 16 and 8
+    net = mlp(); n, sigma, P = 48, 0.1, 24
+    pop = Population(net, n, sigma, seed=9, table=table, shaping='none')
+    fit = torch.randn(n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    base, runs_seen = mix_seed(9, 0), {}
+    for (name, p), g in zip(net.named_parameters(), pop.grad_estimate(fit)):
+        N = p.numel(); per = min(P, table.size // N); expect = torch.zeros(N, dtype=torch.float64); starts = []
+        for k in range(P):
+            run, place = divmod(k, per); count = min(per, P - run * per)
+            key = mix_seed(base, 'offset', name) if run == 0 else mix_seed(base, 'offset', name, run)
+            o = key % (table.size - count * N + 1) + place * N; starts.append((run, o))
+            expect += (fit[2 * k] - fit[2 * k + 1]) * table.noise[o:o + N].double()
+            assert pop.noise_of(2 * k + 1) == MemberNoise(base, True, k, P)
+        assert torch.allclose(g.double().flatten(), expect / (n * sigma), rtol=1e-5, atol=1e-5), name
+        for r in {r for r, _ in starts}:
+            os_ = sorted(o for rr, o in starts if rr == r)
+            assert all(b - a == N for a, b in zip(os_, os_[1:])), name          # side by side: disjoint, no gaps
+        runs_seen[name] = len({r for r, _ in starts})
+    assert runs_seen == {'0.weight': 1, '0.bias': 1, '2.weight': 2, '2.bias': 1, '4.weight': 1, '4.bias': 1}
+
+@pytest.mark.parametrize('shape, popsize, size', [((1000, 1001), 16, 2**22), ((333, 77), 64, 2**16), ((4097,), 200, 2**14)],
+                         ids=['1M weight, one run', 'odd shape', '34 runs'])
+def test_table_estimate_is_the_same_bits_whatever_the_thread_count(shape, popsize, size):
+    "Ranks may run different thread counts (a rank per core, or one process on every core), and every rank must step "
+    "alike: the estimate's matrix-vector products, run by this torch build's BLAS, give the same bits on 1, 2 and 3 "
+    "threads."
+    pop = Population({'w': torch.zeros(shape)}, popsize, 0.1, table=NoiseTable(size, seed=1))
+    fit = torch.randn(popsize, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    threads, ests = torch.get_num_threads(), []
+    try:
+        for k in (1, 2, 3): torch.set_num_threads(k); ests.append(pop.grad_estimate(fit)[0])
+    finally: torch.set_num_threads(threads)
+    assert all(torch.equal(e, ests[0]) for e in ests[1:])
+
+@pytest.mark.parametrize('table', [None, TABLE], ids=['drawn', 'table'])
+def test_scoring_shows_members_without_writing_the_weights(table):
+    "evaluate hands fitness_fn each member through scratch copies: the parameters keep their storage and version "
+    "counters (never written), the scores equal in-place replays bit for bit, and a KeyboardInterrupt in fitness_fn "
+    "leaves the same tensors holding the same values."
+    net = mlp(); before = params(net); x = torch.randn(16, 6, generator=torch.Generator().manual_seed(3))
+    ptrs, versions = [p.data_ptr() for p in net.parameters()], [p._version for p in net.parameters()]
+    pop = Population(net, 8, 0.1, table=table)
+    seen = []
+    def score(m): seen.append(m[0].weight.data_ptr()); return -m(x).pow(2).mean().item()
+    fit = pop.evaluate(score)
+    assert ptrs[0] not in seen and len(set(seen)) == 1                   # one scratch copy, reused by every member
+    assert [p.data_ptr() for p in net.parameters()] == ptrs and [p._version for p in net.parameters()] == versions
+    assert same(params(net), before)
+    for m in range(8):
+        with pop.perturbed(m): assert -net(x).pow(2).mean().item() == fit[m].item()
+    def interrupted(m): raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt): pop.evaluate(interrupted)
+    assert [p.data_ptr() for p in net.parameters()] == ptrs and same(params(net), before)
+
+def test_evolve_a_tied_awd_lstm_then_train_it_with_gradients():
+    "A user evolves a tied, weight-dropped AWD-LSTM language model with a table (scoring in eval mode, the hidden "
+    "state reset per member), then fine-tunes it with backprop: the tie holds, a second process's arithmetic (two "
+    "simulated ranks) ends at the same bits, and the first backward's gradients are exactly a fresh copy's: the "
+    "estimate's buffers don't leak into .grad."
+    from fastai.text.models.core import get_language_model
+    from weightdrop.awdlstm import AWD_LSTM
+    def lm():
+        torch.manual_seed(0)
+        cfg = dict(emb_sz=8, n_hid=12, n_layers=2, pad_token=1, bidir=False, output_p=0.1, hidden_p=0.1, input_p=0.1,
+                   embed_p=0.1, weight_p=0.5, tie_weights=True, out_bias=True)
+        return get_language_model(AWD_LSTM, 30, config=cfg)
+    xb = torch.randint(0, 30, (4, 10), generator=torch.Generator().manual_seed(1)); yb = xb.roll(-1, 1)
+    def neg_loss(m):
+        m.eval(); m.reset()
+        return -nn.functional.cross_entropy(m(xb)[0].flatten(0, 1), yb.flatten()).item()
+    table = NoiseTable(2**14, seed=2)
+    one, two = lm(), lm()
+    es1 = EvolutionStrategy(one, 8, 0.05, 0.01, seed=4, table=table)
+    es2 = EvolutionStrategy(two, 8, 0.05, 0.01, seed=4, table=table)
+    for _ in range(3): es1.step(neg_loss); simulated_step(es2, neg_loss, 2)
+    assert same(params(one), params(two))
+    fit = es1.population.evaluate(neg_loss)
+    for m in range(8):                                   # the raw LSTM weights and the tied embedding are what is shown
+        with es1.population.perturbed(m): assert neg_loss(one) == fit[m].item()
+    assert len(set(fit.tolist())) == 8
+    assert one[1].decoder.weight is one[0].encoder.weight
+    assert all(p.grad is None for p in one.parameters())
+    fresh = copy.deepcopy(one)
+    for m in (one, fresh):
+        m.train(); m.reset(); torch.manual_seed(5)
+        nn.functional.cross_entropy(m(xb)[0].flatten(0, 1), yb.flatten()).backward()
+    for (n, p), q in zip(one.named_parameters(), fresh.parameters()): assert torch.equal(p.grad, q.grad), n
+
 def simulated_step(es, fitness_fn, world):
     "One `es.step` as `world` ranks take it, in this process: each rank's block filled in turn, the all-gather a "
     "concatenation; return the bytes each rank sends."
@@ -260,6 +352,17 @@ def test_bad_arguments_name_the_fix_and_change_nothing(kwargs, msg):
     (dict(seed='3'), TypeError, 'seed must be an int >= 0')])
 def test_bad_table_size_or_seed(kwargs, err, msg):
     with pytest.raises(err, match=msg): NoiseTable(**kwargs)
+
+@pytest.mark.parametrize('kwargs, err, msg', [
+    (dict(table=TABLE, index=4, count=4), ValueError, 'index must be < count (4), got 4'),
+    (dict(table=TABLE, count=0), ValueError, 'count must be >= 1'),
+    (dict(table=TABLE, index=-1, count=2), ValueError, 'index must be >= 0'),
+    (dict(table=TABLE, count=2.0), TypeError, 'count must be an int >= 1'),
+    (dict(index=1, count=2), ValueError, 'drawn noise (table=None) has no place: pass table=NoiseTable(...)')])
+def test_bad_place_in_the_table_names_the_fix_and_changes_nothing(kwargs, err, msg):
+    net = mlp(); before = params(net)
+    with pytest.raises(err, match=re.escape(msg)): perturb_(net, 1, 0.1, **kwargs)
+    assert same(params(net), before)
 
 def test_ranks_with_different_tables_all_raise():
     "A table of another seed or size, or none, on one rank: the gathered header differs, and every rank (each reads "
