@@ -66,8 +66,8 @@ _api = {   # each module's `__all__`, less the names that are also module names
                'mutate_', 'check_rules', 'update_weights_', 'shrink_perturb'),
     'mutate_callbacks': ('batch_events', 'epoch_events', 'EveryCallback', 'WeightUpdateCallback', 'MutateCallback'),
     'evolution': ('shapings', 'OK', 'RAISED', 'NONFINITE', 'SKIPPED', 'param_noise', 'NoiseTable', 'check_table',
-                  'Backup', 'perturb_', 'perturbed', 'member_noise', 'shape_fitness', 'check_population', 'Population',
-                  'EvolutionStrategy'),
+                  'Backup', 'check_place', 'perturb_', 'perturbed', 'MemberNoise', 'member_noise', 'shape_fitness',
+                  'check_population', 'Population', 'EvolutionStrategy'),
     'evolution_callbacks': ('EvolutionCallback',),
     'awdlstm': ('AWD_LSTM', 'fastai_state_dict', 'RNNRegularizer'),
 }
