@@ -150,7 +150,8 @@ def _noise(t:Tensor, seed:int, name:str, table:NoiseTable|None, out:Tensor|None,
 def check_place(index, count, table):
     "Raise unless `count` is an int >= 1 and `index` an int in [0, count), and both are 0 and 1 without a table."
     check_count(count, 'count', minimum=1); check_count(index, 'index', minimum=0)
-    if index >= count: raise ValueError(f"index must be < count ({count}), got {index}: noise index of count side by side")
+    if index >= count: raise ValueError(
+        f"index must be < count ({count}), got {index}: it picks one of the count noises that share the seed")
     if table is None and (index, count) != (0, 1): raise ValueError(
         f"index={index} and count={count} place a noise among slices of a NoiseTable; drawn noise (table=None) has "
         f"no place: pass table=NoiseTable(...), or leave index=0 and count=1")
