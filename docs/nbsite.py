@@ -8,7 +8,7 @@ becomes one MyST page for Sphinx. The saved outputs and plots are shown as they 
     python docs/nbsite.py                  # nbs/ -> _proc/ (MyST pages) -> _docs/ (the site)
 """
 from __future__ import annotations
-import argparse, ast, base64, importlib, io, inspect, json, re, shutil, sys, time
+import argparse, ast, base64, importlib, io, inspect, json, re, shutil, sys, time, typing
 from pathlib import Path
 from urllib.parse import quote
 
@@ -76,7 +76,10 @@ class Raw(str):
     "Text that `inspect` prints as it is (an annotation written as a string)."
     def __repr__(self): return str(self)
 
-def annotation(a) -> str: return a if isinstance(a, str) else inspect.formatannotation(a)
+def annotation(a) -> str:
+    "An annotation as written: a string as it is, a `ForwardRef` (a postponed `NamedTuple` field) as its text."
+    if isinstance(a, typing.ForwardRef): return a.__forward_arg__
+    return a if isinstance(a, str) else inspect.formatannotation(a)
 
 def signature(obj, drop_self:bool):
     "The signature of `obj` with annotations as written, without `self`; `None` if it has none."

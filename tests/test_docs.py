@@ -145,3 +145,8 @@ def test_the_browser_check_passes_a_sound_site_and_finds_each_kind_of_breakage(t
     assert any(p.startswith('page.html: JavaScript error') and 'boom' in p for p in problems), problems
     assert 'index.html: link to missing anchor page.html#nowhere' in problems, problems
     assert 'no API entry for weightdrop.WeightNoise' in problems and not any('weightdrop.WeightDropout' in p for p in problems)
+
+def test_a_namedtuple_signature_reads_as_written():
+    "Under `from __future__ import annotations` a NamedTuple's fields are ForwardRefs; its entry shows `seed: int`."
+    from weightdrop.evolution import MemberNoise
+    assert str(nbsite.signature(MemberNoise, drop_self=True)) == '(seed: int, mirror: bool, index: int = 0, count: int = 1)'
