@@ -254,8 +254,9 @@ def scaling_table(popsize, generations, bs, rounds=1, kinds=KINDS):
     print("|---|---:|---:|---:|---:|---:|---:|")
     for k in [k for k in ('weightdrop', 'weightdrop_table') if k in kinds]:
         for world in (1, 2):
-            ev, ga, est, opt = (med(run[world - 1][k]['split_ms'][i] for run in runs) for i in range(4))
-            share = med((lambda e, g, s, o: (s + o) / (e + g + s + o))(*run[world - 1][k]['split_ms']) for run in runs)
+            splits = [run[world - 1][k]['split_ms'] for run in runs]      # evaluate, all-gather, estimate, Adam
+            ev, ga, est, opt = (med(ms[i] for ms in splits) for i in range(4))
+            share = med((ms[2] + ms[3]) / sum(ms) for ms in splits)
             print(f"| {'drawn' if k == 'weightdrop' else 'table'} | {world} | {ev:.0f} | {ga:.0f} | {est:.0f} | "
                   f"{opt:.0f} | {share:.0%} |")
 

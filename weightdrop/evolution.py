@@ -416,13 +416,14 @@ def _estimate(self:Population, fitness:Tensor, scale:float, out:list) -> list:
     w = shape_fitness(fitness, self.shaping)
     c = (w[0::2] - w[1::2] if self.antithetic else w) * scale         # a mirrored member subtracts its pair's noise
     u = 2 if self.antithetic else 1
+    seeds = [self.noise_of(k * u).seed for k in range(len(c))]           # with a table, all the generation's seed
     for (n, t), g in zip(self.named, out):
         if self.table is None:
             g.zero_(); buf = self._draw_buffer()
-            for k, ck in enumerate(c.tolist()): g.add_(_noise(t, self.noise_of(k * u).seed, n, None, buf), alpha=ck)
+            for s, ck in zip(seeds, c.tolist()): g.add_(_noise(t, s, n, None, buf), alpha=ck)
             continue
         cd, flat = c.to(device=t.device, dtype=torch.float32), g.view(-1)
-        for first, cols in self.table.columns(t, self.noise_of(0).seed, n, len(c)):
+        for first, cols in self.table.columns(t, seeds[0], n, len(c)):
             ck = cd[first:first + cols.shape[1]]
             if first == 0: torch.mv(cols, ck, out=flat)
             else: flat.addmv_(cols, ck)
