@@ -81,23 +81,24 @@ def table_slice(seed, name, p):
     o = mix_seed(seed, 'offset', name) % (TABLE.size - p.numel() + 1)
     return TABLE.noise[o:o + p.numel()].view(p.shape)
 
-def side_by_side(seed, name, p, index, count):
-    "Noise `index` of the `count` that share `seed`, by the definition: one run of slices side by side from "
-    "mix_seed(seed, 'offset', name) mod (size - count * numel + 1) (the run fits in TABLE for the models here)."
-    assert count * p.numel() <= TABLE.size
-    o = mix_seed(seed, 'offset', name) % (TABLE.size - count * p.numel() + 1) + index * p.numel()
-    return TABLE.noise[o:o + p.numel()].view(p.shape)
+def staggered(seed, name, p, index, count, table=TABLE):
+    "Noise `index` of the `count` that share `seed`, by the definition: one run of slices step = min(numel, 2^15) "
+    "apart from mix_seed(seed, 'offset', name) mod (size - numel - (count - 1) * step + 1) (the run fits in the table)."
+    N = p.numel(); step = min(N, 2**15); span = N + (count - 1) * step
+    assert span <= table.size
+    o = mix_seed(seed, 'offset', name) % (table.size - span + 1) + index * step
+    return table.noise[o:o + N].view(p.shape)
 
 def drawn(seed, name, p): return torch.randn(p.shape, generator=torch.Generator().manual_seed(mix_seed(seed, name)))
 
 def pair_drawn(seed, k, name, p): return drawn(mix_seed(seed, 0, k), name, p)
-def pair_in_table(seed, k, name, p): return side_by_side(mix_seed(seed, 0), name, p, k, 4)
+def pair_in_table(seed, k, name, p): return staggered(mix_seed(seed, 0), name, p, k, 4)
 
 @pytest.mark.parametrize('table, noise_of', [(None, pair_drawn), (TABLE, pair_in_table)], ids=['drawn', 'table'])
 def test_es_step_matches_the_openai_es_formula(table, noise_of):
     "One SGD(lr) step moves θ by lr/(nσ) Σ w_i ε_i with centered ranks, ε made here independently of the strategy: "
     "pair k's drawn from mix_seed(mix_seed(seed, 0, k), name), or with TABLE the k-th of the generation's 4 slices "
-    "side by side at mix_seed(seed, 0)."
+    "staggered from mix_seed(seed, 0)."
     net, ref = mlp(), mlp()
     x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
     def fit(m): return -m(x).pow(2).mean().item()
@@ -199,29 +200,46 @@ def test_table_is_its_seed_and_size_in_pickles_and_checkpoints():
     assert len(pickle.dumps(TABLE)) < 200 and torch.equal(pickle.loads(pickle.dumps(TABLE)).noise, TABLE.noise)
     assert copy.deepcopy(TABLE) is TABLE
 
-def test_a_generation_lies_side_by_side_and_runs_split_what_does_not_fit():
-    "With a table, pair k of a generation's P is noise k of P side by side from mix_seed(seed, generation); where P "
-    "slices of a parameter don't fit, they go in runs of size // numel, each at its own offset. The estimate equals "
-    "Σ c_k ε_k / (nσ) summed here in float64 from that definition, and the slices of one run never overlap."
-    table = NoiseTable(2**12, seed=3)        # 4,096 numbers: the 256-weight layer's 24 pairs go in runs of 16 and 8
-    net = mlp(); n, sigma, P = 48, 0.1, 24
+def test_a_generation_is_staggered_and_runs_split_what_does_not_fit():
+    "With a table, pair k of a generation's P is noise k of P, step = min(numel, 2^15) apart from mix_seed(seed, "
+    "generation); where the P slices of a parameter don't fit, they go in runs of (size - numel) // step + 1, each at "
+    "its own offset. The estimate equals Σ c_k ε_k / (nσ) summed here in float64 from that definition."
+    table = NoiseTable(2**18, seed=3)        # 70,000 weights: 24 pairs go in runs of 6; 256 weights: 24 side by side
+    net = {'big': torch.zeros(70_000), 'w': torch.zeros(16, 16), 'b': torch.zeros(16)}
+    n, sigma, P = 48, 0.1, 24
     pop = Population(net, n, sigma, seed=9, table=table, shaping='none')
     fit = torch.randn(n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     base, runs_seen = mix_seed(9, 0), {}
-    for (name, p), g in zip(net.named_parameters(), pop.grad_estimate(fit)):
-        N = p.numel(); per = min(P, table.size // N); expect = torch.zeros(N, dtype=torch.float64); starts = []
+    for (name, p), g in zip(net.items(), pop.grad_estimate(fit)):
+        N = p.numel(); step = min(N, 2**15); per = min(P, (table.size - N) // step + 1)
+        expect = torch.zeros(N, dtype=torch.float64); starts = []
         for k in range(P):
             run, place = divmod(k, per); count = min(per, P - run * per)
             key = mix_seed(base, 'offset', name) if run == 0 else mix_seed(base, 'offset', name, run)
-            o = key % (table.size - count * N + 1) + place * N; starts.append((run, o))
+            o = key % (table.size - N - (count - 1) * step + 1) + place * step; starts.append((run, o))
             expect += (fit[2 * k] - fit[2 * k + 1]) * table.noise[o:o + N].double()
             assert pop.noise_of(2 * k + 1) == MemberNoise(base, True, k, P)
         assert torch.allclose(g.double().flatten(), expect / (n * sigma), rtol=1e-5, atol=1e-5), name
-        for r in {r for r, _ in starts}:
-            os_ = sorted(o for rr, o in starts if rr == r)
-            assert all(b - a == N for a, b in zip(os_, os_[1:])), name          # side by side: disjoint, no gaps
         runs_seen[name] = len({r for r, _ in starts})
-    assert runs_seen == {'0.weight': 1, '0.bias': 1, '2.weight': 2, '2.bias': 1, '4.weight': 1, '4.bias': 1}
+    assert runs_seen == {'big': 4, 'w': 1, 'b': 1}
+
+def test_staggered_noise_gives_an_unbiased_estimate_with_the_variance_of_independent_noise():
+    "A parameter larger than the stride gets overlapping noises, each shifted 2^15 from the last. For a linear fitness "
+    "w·θ and antithetic pairs, independent noise gives an estimate g with E[g] = w and E|g - w|^2 = (n + 1)|w|^2 / P. "
+    "Over G generations, the mean squared error and the mean estimate's component along w, (mean g)·w / |w|^2 = 1, "
+    "match that within 6 standard errors: both follow a chi-square with P·G degrees of freedom, over P·G."
+    N, pairs, G, sigma = 3 * 2**15 + 5, 8, 200, 0.5
+    w = torch.randn(N, generator=torch.Generator().manual_seed(4))
+    pop = Population({'v': torch.zeros(N)}, 2 * pairs, sigma, seed=1, table=NoiseTable(2**19, seed=5), shaping='none')
+    def linear(m): return torch.dot(w.double(), m['v'].double()).item()
+    total, sq = torch.zeros(N, dtype=torch.float64), []
+    for g in range(G):
+        pop.generation = g
+        est = pop.grad_estimate(pop.evaluate(linear))[0].double()
+        total += est; sq.append((est - w).pow(2).sum().item())
+    expected, tol = (N + 1) * w.pow(2).sum().item() / pairs, 6 * math.sqrt(2 / (pairs * G))
+    mse, along = sum(sq) / G / expected, torch.dot(total / G, w.double()).item() / w.pow(2).sum().item()
+    assert abs(mse - 1) < tol and abs(along - 1) < tol, (mse, along, tol)
 
 @pytest.mark.parametrize('shape, popsize, size', [((1000, 1001), 16, 2**22), ((333, 77), 64, 2**16), ((4097,), 200, 2**14)],
                          ids=['1M weight, one run', 'odd shape', '34 runs'])

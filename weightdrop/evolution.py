@@ -47,19 +47,22 @@ class NoiseTable:
         if device not in self._copies: self._copies[device] = self.noise.to(device)
         return self._copies[device]
 
+    stride = 2**15   # a generation's noises of a parameter start this many numbers apart (or n apart, if n is less)
+
     def _run(self, seed:int, name:str, numel:int, index:int, count:int) -> tuple:
-        "(start, noises in it, place in it) of the run of side-by-side slices that holds noise `index` of `count`."
+        "(start, noises in it, place in it, step) of the run of staggered slices that holds noise `index` of `count`."
         assert 0 <= index < count and numel <= self.size, (index, count, numel, self.size)
-        per = min(count, self.size // numel)                           # slices that fit side by side
+        step = min(numel, self.stride)
+        per = min(count, (self.size - numel) // step + 1)               # slices that fit, `step` apart
         run, place = divmod(index, per)
         n = min(per, count - run * per)
         key = mix_seed(seed, 'offset', name, *([run] if run else []))
-        return key % (self.size - n * numel + 1), n, place
+        return key % (self.size - numel - (n - 1) * step + 1), n, place, step
 
     def offset(self, seed:int, name:str, numel:int, index:int=0, count:int=1) -> int:
         "Where parameter `name`'s noise `index` of the `count` that share `seed` starts."
-        start, _, place = self._run(seed, name, numel, index, count)
-        return start + place * numel
+        start, _, place, step = self._run(seed, name, numel, index, count)
+        return start + place * step
 
     def slice(self, t:Tensor, seed:int, name:str, index:int=0, count:int=1) -> Tensor:
         "Parameter `name`'s noise `index` of the `count` that share `seed`: a view of the table in `t`'s shape, on `t`'s device."
@@ -67,12 +70,14 @@ class NoiseTable:
         return self.on(t.device)[o:o + t.numel()].view(t.shape)
 
     def columns(self, t:Tensor, seed:int, name:str, count:int) -> list:
-        "The `count` noises that share `seed`, as [(first index, (numel, n) view whose columns are the slices)]."
-        runs, i, numel = [], 0, t.numel()
+        "The `count` noises that share `seed` as [(first noise, first row, (rows, noises) view)]: a block of rows each."
+        blocks, i, numel, table = [], 0, t.numel(), self.on(t.device)
         while i < count:
-            start, n, _ = self._run(seed, name, numel, i, count)
-            runs.append((i, self.on(t.device).as_strided((numel, n), (1, numel), start))); i += n
-        return runs
+            start, n, _, step = self._run(seed, name, numel, i, count)
+            for row in range(0, numel, step):                           # rows <= step: a valid BLAS leading dimension
+                blocks.append((i, row, table.as_strided((min(step, numel - row), n), (1, step), start + row)))
+            i += n
+        return blocks
 
     def __repr__(self): return f"NoiseTable(size={self.size}, seed={self.seed})"
     def __reduce__(self): return NoiseTable, (self.size, self.seed)   # pickled as its recipe, not its numbers
@@ -166,7 +171,7 @@ def perturb_(model, # `nn.Module`, dict of named tensors or list of (name, tenso
              backup:Backup|None=None, # An up-to-date `Backup` of these parameters to reuse; `None`: save them now
              check_graph:bool=True, # Raise if a live autograd graph saved a parameter about to change
              table:NoiseTable|None=None, # Slice the noise from this `NoiseTable`; `None`: draw it (`param_noise`)
-             index:int=0, # With a table: which of the `count` side-by-side noises that share `seed`
+             index:int=0, # With a table: which of the `count` staggered noises that share `seed`
              count:int=1, # With a table: how many noises share `seed` (a `Population`'s pairs per generation)
             ) -> Backup: # What restores the parameters bit for bit
     "Add `sigma` times each chosen parameter's noise for `seed` to it, in place; return the `Backup` that undoes it."
@@ -205,7 +210,7 @@ class MemberNoise(NamedTuple):
     seed:int        # The noise's seed
     mirror:bool     # Subtract the noise: the second member of an antithetic pair
     index:int = 0   # With a table: its place among the `count` noises that share `seed`
-    count:int = 1   # With a table: the noises side by side under `seed`; 1 for drawn noise
+    count:int = 1   # With a table: the noises staggered under `seed`; 1 for drawn noise
 
 def member_noise(seed:int, # Base seed of the population
                  generation:int, # The generation
@@ -423,10 +428,10 @@ def _estimate(self:Population, fitness:Tensor, scale:float, out:list) -> list:
             for s, ck in zip(seeds, c.tolist()): g.add_(_noise(t, s, n, None, buf), alpha=ck)
             continue
         cd, flat = c.to(device=t.device, dtype=torch.float32), g.view(-1)
-        for first, cols in self.table.columns(t, seeds[0], n, len(c)):
-            ck = cd[first:first + cols.shape[1]]
-            if first == 0: torch.mv(cols, ck, out=flat)
-            else: flat.addmv_(cols, ck)
+        for first, row, cols in self.table.columns(t, seeds[0], n, len(c)):
+            ck, rows = cd[first:first + cols.shape[1]], flat[row:row + cols.shape[0]]
+            if first == 0: torch.mv(cols, ck, out=rows)
+            else: rows.addmv_(cols, ck)
     return out
 
 def _grad_estimate(self:Population, fitness:Tensor # Every member's fitness, as `evaluate` returns it
