@@ -203,9 +203,10 @@ def test_table_is_its_seed_and_size_in_pickles_and_checkpoints():
 def test_a_generation_is_staggered_and_runs_split_what_does_not_fit():
     "With a table, pair k of a generation's P is noise k of P, step = min(numel, 2^15) apart from mix_seed(seed, "
     "generation); where the P slices of a parameter don't fit, they go in runs of (size - numel) // step + 1, each at "
-    "its own offset. The estimate equals Σ c_k ε_k / (nσ) summed here in float64 from that definition."
+    "its own offset. The estimate equals Σ c_k ε_k / (nσ) summed here in float64 from that definition, whether its "
+    "products take one block of rows, a band of several, or a shorter last block."
     table = NoiseTable(2**18, seed=3)        # 70,000 weights: 24 pairs go in runs of 6; 256 weights: 24 side by side
-    net = {'big': torch.zeros(70_000), 'w': torch.zeros(16, 16), 'b': torch.zeros(16)}
+    net = {'big': torch.zeros(70_000), 'long': torch.zeros(5 * 2**15 + 7), 'w': torch.zeros(16, 16), 'b': torch.zeros(16)}
     n, sigma, P = 48, 0.1, 24
     pop = Population(net, n, sigma, seed=9, table=table, shaping='none')
     fit = torch.randn(n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -221,7 +222,7 @@ def test_a_generation_is_staggered_and_runs_split_what_does_not_fit():
             assert pop.noise_of(2 * k + 1) == MemberNoise(base, True, k, P)
         assert torch.allclose(g.double().flatten(), expect / (n * sigma), rtol=1e-5, atol=1e-5), name
         runs_seen[name] = len({r for r, _ in starts})
-    assert runs_seen == {'big': 4, 'w': 1, 'b': 1}
+    assert runs_seen == {'big': 4, 'long': 8, 'w': 1, 'b': 1}      # 'long': runs of 3, each 5 whole blocks and a short one
 
 def test_staggered_noise_gives_an_unbiased_estimate_with_the_variance_of_independent_noise():
     "A parameter larger than the stride gets overlapping noises, each shifted 2^15 from the last. For a linear fitness "
@@ -241,12 +242,11 @@ def test_staggered_noise_gives_an_unbiased_estimate_with_the_variance_of_indepen
     mse, along = sum(sq) / G / expected, torch.dot(total / G, w.double()).item() / w.pow(2).sum().item()
     assert abs(mse - 1) < tol and abs(along - 1) < tol, (mse, along, tol)
 
-@pytest.mark.parametrize('shape, popsize, size', [((1000, 1001), 16, 2**22), ((333, 77), 64, 2**16), ((4097,), 200, 2**14)],
-                         ids=['1M weight, one run', 'odd shape', '34 runs'])
+@pytest.mark.parametrize('shape, popsize, size', [((1000, 1001), 16, 2**22), ((1000, 1001), 40, 2**23), ((333, 77), 64, 2**16), ((4097,), 200, 2**14)],
+                         ids=['1M weight, one run', '1M weight, bands of 8', 'odd shape', '34 runs'])
 def test_table_estimate_is_the_same_bits_whatever_the_thread_count(shape, popsize, size):
     "Ranks may run different thread counts (a rank per core, or one process on every core), and every rank must step "
-    "alike: the estimate's matrix-vector products, run by this torch build's BLAS, give the same bits on 1, 2 and 3 "
-    "threads."
+    "alike: the estimate's matrix products, run by this torch build's BLAS, give the same bits on 1, 2 and 3 threads."
     pop = Population({'w': torch.zeros(shape)}, popsize, 0.1, table=NoiseTable(size, seed=1))
     fit = torch.randn(popsize, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     threads, ests = torch.get_num_threads(), []

@@ -202,6 +202,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'weightdrop.evolution.Population.state_dict': ( 'evolution.html#population.state_dict',
                                                                                       'weightdrop/evolution.py'),
                                       'weightdrop.evolution._add_noise': ('evolution.html#_add_noise', 'weightdrop/evolution.py'),
+                                      'weightdrop.evolution._banded': ('evolution.html#_banded', 'weightdrop/evolution.py'),
                                       'weightdrop.evolution._block': ('evolution.html#_block', 'weightdrop/evolution.py'),
                                       'weightdrop.evolution._estimate': ('evolution.html#_estimate', 'weightdrop/evolution.py'),
                                       'weightdrop.evolution._evaluate': ('evolution.html#_evaluate', 'weightdrop/evolution.py'),

@@ -69,13 +69,19 @@ class NoiseTable:
         o = self.offset(seed, name, t.numel(), index, count)
         return self.on(t.device)[o:o + t.numel()].view(t.shape)
 
-    def columns(self, t:Tensor, seed:int, name:str, count:int) -> list:
-        "The `count` noises that share `seed` as [(first noise, first row, (rows, noises) view)]: a block of rows each."
+    def columns(self, t:Tensor, seed:int, name:str, count:int, band:int=1) -> list:
+        "The `count` noises that share `seed` as [(first noise, noises, first row, view)]: `band` blocks of rows each."
+        assert band & (band - 1) == 0, band                            # a power of two, as are the bands left over
         blocks, i, numel, table = [], 0, t.numel(), self.on(t.device)
         while i < count:
             start, n, _, step = self._run(seed, name, numel, i, count)
-            for row in range(0, numel, step):                           # rows <= step: a valid BLAS leading dimension
-                blocks.append((i, row, table.as_strided((min(step, numel - row), n), (1, step), start + row)))
+            full, b0 = numel // step, 0                                 # blocks of `step` rows, then a shorter one
+            while b0 < full:                                            # rows <= step: a valid BLAS leading dimension
+                b = min(band, 1 << (full - b0).bit_length() - 1)
+                blocks.append((i, n, b0 * step, table.as_strided((step, b + n - 1), (1, step), start + b0 * step)))
+                b0 += b
+            if numel % step:
+                blocks.append((i, n, full * step, table.as_strided((numel % step, n), (1, step), start + full * step)))
             i += n
         return blocks
 
@@ -416,22 +422,31 @@ def _evaluate(self:Population, fitness_fn, # fitness_fn(model) -> float, higher 
 Population.evaluate = _evaluate
 
 # %% ../nbs/23_evolution.ipynb #9a07dc86
+def _banded(c:Tensor, blocks:int) -> Tensor:
+    "The (blocks + len(c) - 1, blocks) matrix whose column m holds `c` from row m: the weights of a band of blocks."
+    w = c.new_zeros(blocks + len(c) - 1, blocks)
+    for m in range(blocks): w[m:m + len(c), m] = c
+    return w
+
 def _estimate(self:Population, fitness:Tensor, scale:float, out:list) -> list:
     "`scale · Σ_k c_k ε_k` into the float32 tensors `out`, one per parameter; `c_k` the shaped fitness of noise `k`."
     w = shape_fitness(fitness, self.shaping)
     c = (w[0::2] - w[1::2] if self.antithetic else w) * scale         # a mirrored member subtracts its pair's noise
     u = 2 if self.antithetic else 1
     seeds = [self.noise_of(k * u).seed for k in range(len(c))]           # with a table, all the generation's seed
+    weights = {}                                                          # (first, noises, blocks) -> banded weights
     for (n, t), g in zip(self.named, out):
         if self.table is None:
             g.zero_(); buf = self._draw_buffer()
             for s, ck in zip(seeds, c.tolist()): g.add_(_noise(t, s, n, None, buf), alpha=ck)
             continue
         cd, flat = c.to(device=t.device, dtype=torch.float32), g.view(-1)
-        for first, row, cols in self.table.columns(t, seeds[0], n, len(c)):
-            ck, rows = cd[first:first + cols.shape[1]], flat[row:row + cols.shape[0]]
-            if first == 0: torch.mv(cols, ck, out=rows)
-            else: rows.addmv_(cols, ck)
+        for first, k, row, cols in self.table.columns(t, seeds[0], n, len(c), band=4 if len(c) <= 8 else 8):
+            b = cols.shape[1] - k + 1
+            if (first, k, b) not in weights: weights[first, k, b] = _banded(cd[first:first + k], b)
+            rows = flat[row:row + b * cols.shape[0]].view(b, -1).T        # block m of the band is column m
+            if first == 0: torch.mm(cols, weights[first, k, b], out=rows)
+            else: rows.addmm_(cols, weights[first, k, b])
     return out
 
 def _grad_estimate(self:Population, fitness:Tensor # Every member's fitness, as `evaluate` returns it
