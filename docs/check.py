@@ -2,8 +2,8 @@
 
 Every page of `_docs/` is served on 127.0.0.1 and loaded in Chromium, driven over the DevTools protocol. The check fails
 on a page that does not load, a JavaScript error or console error, a broken image, an internal link to a missing page
-or anchor, a search that finds nothing, or a public name of `weightdrop.__all__` without an API entry. It saves
-screenshots of the front page and an API page into `_docs/_screenshots/`.
+or anchor, more than one search box on view, a search that finds nothing, or a public name of `weightdrop.__all__`
+without an API entry. It saves screenshots of the front page and an API page into `_docs/_screenshots/`.
 
     python docs/check.py [--site _docs] [--chromium /usr/bin/chromium]
 """
@@ -118,6 +118,7 @@ PAGE_FACTS = """(() => ({
   ids: [...document.querySelectorAll('[id]')].map(e => e.id),
   api: [...document.querySelectorAll('dl.py > dt[id]')].map(e => e.id),
   title: document.title,
+  search_boxes: [...document.querySelectorAll('.search-button-field')].filter(e => e.getClientRects().length > 0).length,
 }))()"""
 
 def public_names() -> list[str]:
@@ -135,6 +136,7 @@ def check(site:Path, exe:str, names:list[str]|None=None, shots:Path|None=None, s
             problems += [f"{page}: {p}" for p in browser.open(server.url + page)]
             facts[page] = browser.js(PAGE_FACTS)
             problems += [f"{page}: broken image {src}" for src in facts[page]['broken_images']]
+            if facts[page]['search_boxes'] > 1: problems.append(f"{page}: {facts[page]['search_boxes']} search boxes on view")
             if shots and page in SCREENSHOTS:
                 name, selector = SCREENSHOTS[page]
                 if selector: browser.js(f"document.querySelector({selector!r}).scrollIntoView()")

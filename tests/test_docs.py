@@ -138,12 +138,14 @@ def test_the_browser_check_passes_a_sound_site_and_finds_each_kind_of_breakage(t
 
     page, index = site / 'page.html', site / 'index.html'
     (site / '_images' / 'page-2-0.png').unlink()
-    page.write_text(page.read_text().replace('</body>', '<script>throw new Error("boom")</script></body>'))
+    page.write_text(page.read_text().replace('</body>', '<script>throw new Error("boom")</script></body>')
+                    .replace('</head>', '<style>header.bd-header { display: block; }</style></head>'))   # the theme's own header back
     index.write_text(index.read_text().replace('href="page.html#weightdrop.dropout.WeightDropout"', 'href="page.html#nowhere"'))
     problems = check.check(site, chromium, ['WeightDropout', 'WeightNoise'])
     assert any(p.startswith('page.html: broken image') for p in problems), problems
     assert any(p.startswith('page.html: JavaScript error') and 'boom' in p for p in problems), problems
     assert 'index.html: link to missing anchor page.html#nowhere' in problems, problems
+    assert 'page.html: 2 search boxes on view' in problems and not any('index.html: 2 search' in p for p in problems)
     assert 'no API entry for weightdrop.WeightNoise' in problems and not any('weightdrop.WeightDropout' in p for p in problems)
 
 def test_a_namedtuple_signature_reads_as_written():
