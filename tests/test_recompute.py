@@ -1,5 +1,5 @@
-"""`Recompute` and `WeightDropout(recompute=True)` (`weightdrop.recompute`): gradients bit for bit those of the stored
-path, nothing weight-sized kept by the graph, every promise of the core kept, the checks at the boundary, and the
+"""`Recompute`, `WeightDropout(recompute=True)` and `WeightNoise(recompute=True)` (`weightdrop.recompute`): gradients bit
+for bit those of the stored path, nothing weight-sized kept by the graph, every promise of the core kept, the checks at the boundary, and the
 defects of stored masks it pins. Exact properties use `torch.equal`; memory is counted through `saved_tensors_hooks`."""
 import copy, io
 import pytest
@@ -9,6 +9,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from fastai.basics import Learner, SGD
 from weightdrop.core import WeightHijacker, is_hijacked
 from weightdrop.dropout import WeightDropout
+from weightdrop.noise import WeightNoise
 from weightdrop.recompute import Recompute, check_recomputable, RECOMPUTABLE
 from weightdrop.callbacks import ResampleCallback
 from weightdrop.synth import synth_dls
@@ -66,6 +67,39 @@ def test_gradients_bit_identical_to_stored_masks(layer, dtype):
     make, spec = LAYERS[layer]
     for kw in (dict(), dict(gen=False), dict(hold=True), dict(hold=True, gen=False), dict(per='row'), dict(p=0.9)):
         assert_same(step(make, spec, False, dtype, **kw), step(make, spec, True, dtype, **kw))
+
+def noise_step(make, spec, recompute, mode, dtype=torch.float32, gen=True, hold=False):
+    "`step` for `WeightNoise`: output and every gradient of one forward+backward, the same seeds whichever the path."
+    torch.manual_seed(0)
+    wn = WeightNoise(make().to(dtype), 0.3, mode, hold_mask=hold, recompute=recompute,
+                     generator=torch.Generator().manual_seed(3) if gen else None)
+    x = make_input(spec, dtype)
+    torch.manual_seed(5)
+    out = wn(x)
+    out.pow(2).sum().backward()
+    return [out] + ([x.grad] if x.is_floating_point() else []) + [q.grad.to_dense() for q in wn.parameters()]
+
+@pytest.mark.parametrize('layer', list(LAYERS))
+@pytest.mark.parametrize('mode', WeightNoise.modes)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_weight_noise_gradients_bit_identical_to_stored_noise(layer, mode, dtype):
+    "WeightNoise through the same mixin: output and every gradient equal the stored path's, fresh or held noise, any generator."
+    make, spec = LAYERS[layer]
+    for kw in (dict(), dict(gen=False), dict(hold=True), dict(hold=True, gen=False)):
+        assert_same(noise_step(make, spec, False, mode, dtype, **kw), noise_step(make, spec, True, mode, dtype, **kw))
+
+@pytest.mark.parametrize('mode', WeightNoise.modes)
+def test_weight_noise_stack_holds_no_weight_size_per_layer(mode):
+    "Eight noisy Linear(128, 128): the stored path keeps the noisy weight (and a multiplicative draw) per layer, the "
+    "recomputed one what plain layers keep."
+    def saved(recompute):
+        torch.manual_seed(0)
+        m = nn.Sequential(*[WeightNoise(nn.Linear(128, 128), 0.1, mode, recompute=recompute) for _ in range(8)])
+        x = torch.randn(4, 128, requires_grad=True)
+        return held_bytes(lambda: m(x), [*m.parameters(), x])[1]
+    stored, recomputed = saved(False), saved(True)
+    assert stored - recomputed == 8 * (1 if mode == 'additive' else 2) * 128 * 128 * 4
+    assert recomputed == 7 * 4 * 128 * 4
 
 def test_weight_and_bias_both_recomputed():
     make, spec = LAYERS['conv2d']
@@ -253,20 +287,22 @@ def test_layers_inside_a_container():
     names = ['0.weight', '3.weight', '3.bias']
     assert_same(step(make, (2, 2, 6), False, names=names), step(make, (2, 2, 6), True, names=names))
 
-def fit_weights(recompute, cb=True, n_fits=(2, 1)):
+def fit_weights(recompute, cb=True, n_fits=(2, 1), noise=False):
     torch.manual_seed(0)
-    model = nn.Sequential(WeightDropout(nn.Linear(6, 16), 0.5, recompute=recompute), nn.ReLU(),
-                          WeightDropout(nn.Linear(16, 1), 0.2, recompute=recompute))
+    if noise: wrap = lambda m, p: WeightNoise(m, p, 'multiplicative', recompute=recompute)
+    else: wrap = lambda m, p: WeightDropout(m, p, recompute=recompute)
+    model = nn.Sequential(wrap(nn.Linear(6, 16), 0.5), nn.ReLU(), wrap(nn.Linear(16, 1), 0.2))
     learn = Learner(synth_dls(), model, loss_func=nn.MSELoss(), opt_func=SGD, lr=0.05,
                     cbs=ResampleCallback(seed=0) if cb else [])
     with learn.no_bar(), learn.no_logging():
         for n in n_fits: learn.fit(n)
     return learn.model.state_dict()
 
+@pytest.mark.parametrize('noise', [False, True], ids=['WeightDropout', 'WeightNoise'])
 @pytest.mark.parametrize('cb', [True, False], ids=['resample_callback', 'fresh_global_masks'])
-def test_fastai_fit_then_fit_same_weights(cb):
+def test_fastai_fit_then_fit_same_weights(cb, noise):
     "fit then fit, one held mask per batch (ResampleCallback(seed=0)) or a fresh one per call from the global generator."
-    stored, recomputed = fit_weights(False, cb), fit_weights(True, cb)
+    stored, recomputed = fit_weights(False, cb, noise=noise), fit_weights(True, cb, noise=noise)
     assert list(stored) == list(recomputed)
     for k in stored: assert torch.equal(stored[k], recomputed[k]), k
 

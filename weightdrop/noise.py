@@ -8,12 +8,13 @@ import torch
 from torch import nn
 from .validate import Checked, check_nonneg, check_choice
 from .core import *
+from .recompute import Recompute
 
 # %% auto #0
 __all__ = ['WeightNoise']
 
 # %% ../nbs/03_noise.ipynb #28b31ae0
-class WeightNoise(WeightHijacker):
+class WeightNoise(Recompute, WeightHijacker):
     "In training, add Gaussian noise to the selected weights of `module`: `w + std*eps` or `w * (1 + std*eps)`."
     modes = ('additive', 'multiplicative')
     std = Schedulable(check_nonneg)
@@ -25,8 +26,10 @@ class WeightNoise(WeightHijacker):
         layer_names:str|list|None=None, # Names or glob patterns; `None`: every `weight_hh*` of an RNN, else `weight`
         hold_mask:bool=False, # Keep one noise draw until `resample()` instead of a fresh one at every call
         generator:torch.Generator|None=None, # Source of the noise; `None`: PyTorch's global RNG
+        recompute:bool=False, # Keep the generator state instead of the noise and the noisy weight; make them again in backward
     ):
         self.std, self.mode = std, mode   # checked before the module is touched
+        self._check_recompute(recompute, module, layer_names)
         super().__init__(module, layer_names, hold_mask=hold_mask, generator=generator)
 
     def is_active(self): return (self.training or self._mc_dropout) and self._std > 0
@@ -37,4 +40,5 @@ class WeightNoise(WeightHijacker):
 
     def combine(self, raw, draw): return raw + draw if self._mode == 'additive' else raw * draw
 
-    def extra_repr(self): return f"std={self._std}, mode={self._mode!r}, " + super().extra_repr()
+    def extra_repr(self):
+        return f"std={self._std}, mode={self._mode!r}, " + super().extra_repr() + (', recompute=True' if self.recompute else '')
