@@ -71,7 +71,9 @@ class NoiseTable:
 
     def columns(self, t:Tensor, seed:int, name:str, count:int, band:int=1) -> list:
         "The `count` noises that share `seed` as [(first noise, noises, first row, view)]: `band` blocks of rows each."
-        assert band & (band - 1) == 0, band                            # a power of two, as are the bands left over
+        if check_count(band, 'band') & (band - 1): raise ValueError(
+            f"band must be a power of two (1, 2, 4, 8, ...), got {band}: products of those widths give the same bits "
+            f"whatever the thread count")
         blocks, i, numel, table = [], 0, t.numel(), self.on(t.device)
         while i < count:
             start, n, _, step = self._run(seed, name, numel, i, count)
