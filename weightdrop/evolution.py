@@ -70,7 +70,7 @@ class NoiseTable:
         return self.on(t.device)[o:o + t.numel()].view(t.shape)
 
     def columns(self, t:Tensor, seed:int, name:str, count:int, band:int=1) -> list:
-        "The `count` noises that share `seed` as [(first noise, noises, first row, view)]: `band` blocks of rows each."
+        "The `count` noises that share `seed` as [(first noise, noises, first row, view)]: up to `band` blocks of rows each."
         if check_count(band, 'band') & (band - 1): raise ValueError(
             f"band must be a power of two (1, 2, 4, 8, ...), got {band}: products of those widths give the same bits "
             f"whatever the thread count")
