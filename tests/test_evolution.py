@@ -242,6 +242,19 @@ def test_staggered_noise_gives_an_unbiased_estimate_with_the_variance_of_indepen
     mse, along = sum(sq) / G / expected, torch.dot(total / G, w.double()).item() / w.pow(2).sum().item()
     assert abs(mse - 1) < tol and abs(along - 1) < tol, (mse, along, tol)
 
+def test_the_table_path_makes_everything_on_the_parameters_device():
+    "On the meta device nothing is computed and an op that mixes in a CPU tensor fails, so a member shown from the table, "
+    "the estimate's bands and short blocks, and the gradients it hands over all stay on the parameters' device, as on CUDA."
+    try: torch.mm(torch.zeros(3, 2, device='meta'), torch.zeros(2, 2, device='meta'))
+    except Exception as e: pytest.skip(f'this PyTorch cannot multiply on the meta device: {e}')
+    net = {'w': torch.zeros(5 * 2**15 + 7, device='meta'), 'b': torch.zeros(16, device='meta')}
+    pop = Population(net, 24, 0.1, table=NoiseTable(2**18, seed=1))    # 12 pairs: bands of 8, a short block, runs
+    fit = torch.randn(24, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert [g.device.type for g in pop.grad_estimate(fit)] == ['meta', 'meta']
+    pop.set_grad_(fit)
+    assert net['w'].grad.device.type == 'meta' and net['b'].grad.device.type == 'meta'
+    with pop.perturbed(3): assert net['w'].device.type == 'meta'
+
 @pytest.mark.parametrize('shape, popsize, size', [((1000, 1001), 16, 2**22), ((1000, 1001), 40, 2**23), ((333, 77), 64, 2**16), ((4097,), 200, 2**14)],
                          ids=['1M weight, one run', '1M weight, bands of 8', 'odd shape', '34 runs'])
 def test_table_estimate_is_the_same_bits_whatever_the_thread_count(shape, popsize, size):
