@@ -255,7 +255,8 @@ def test_the_table_path_makes_everything_on_the_parameters_device():
     assert net['w'].grad.device.type == 'meta' and net['b'].grad.device.type == 'meta'
     with pop.perturbed(3): assert net['w'].device.type == 'meta'
 
-@pytest.mark.parametrize('shape, popsize, size', [((1000, 1001), 16, 2**22), ((1000, 1001), 40, 2**23), ((333, 77), 64, 2**16), ((4097,), 200, 2**14)],
+@pytest.mark.parametrize('shape, popsize, size',
+                         [((1000, 1001), 16, 2**22), ((1000, 1001), 40, 2**23), ((333, 77), 64, 2**16), ((4097,), 200, 2**14)],
                          ids=['1M weight, one run', '1M weight, bands of 8', 'odd shape', '34 runs'])
 def test_table_estimate_is_the_same_bits_whatever_the_thread_count(shape, popsize, size):
     "Ranks may run different thread counts (a rank per core, or one process on every core), and every rank must step "

@@ -1,6 +1,7 @@
-"""`Recompute`, `WeightDropout(recompute=True)` and `WeightNoise(recompute=True)` (`weightdrop.recompute`): gradients bit
-for bit those of the stored path, nothing weight-sized kept by the graph, every promise of the core kept, the checks at the boundary, and the
-defects of stored masks it pins. Exact properties use `torch.equal`; memory is counted through `saved_tensors_hooks`."""
+"""`Recompute`, `WeightDropout(recompute=True)` and `WeightNoise(recompute=True)` (`weightdrop.recompute`): gradients
+bit for bit those of the stored path, nothing weight-sized kept by the graph, every promise of the core kept, the
+checks at the boundary, and the defects of stored masks it pins. Exact properties use `torch.equal`; memory is
+counted through `saved_tensors_hooks`."""
 import copy, io
 import pytest
 import torch

@@ -430,6 +430,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                   'weightdrop/recompute.py'),
                                       'weightdrop.recompute.Recompute.effective_weight': ( 'recompute.html#recompute.effective_weight',
                                                                                            'weightdrop/recompute.py'),
+                                      'weightdrop.recompute.Recompute.extra_repr': ( 'recompute.html#recompute.extra_repr',
+                                                                                     'weightdrop/recompute.py'),
                                       'weightdrop.recompute.Recompute.forward': ( 'recompute.html#recompute.forward',
                                                                                   'weightdrop/recompute.py'),
                                       'weightdrop.recompute.Recompute.recompute': ( 'recompute.html#recompute.recompute',

@@ -71,8 +71,7 @@ class WeightDropout(Recompute, WeightHijacker):
         if raw.is_cuda and self._generator is None: return F.dropout(raw, self._weight_p, training=True)
         return raw * _keep_mask(raw.shape, raw, 1 - self._weight_p, self._generator)
 
-    def extra_repr(self):
-        return f"weight_p={self._weight_p}, per={self._per!r}, " + super().extra_repr() + (', recompute=True' if self.recompute else '')
+    def extra_repr(self): return f"weight_p={self._weight_p}, per={self._per!r}, " + super().extra_repr()
 
 # %% ../nbs/02_dropout.ipynb #f537e32b
 class EmbeddingDropout(WeightHijacker):

@@ -40,5 +40,4 @@ class WeightNoise(Recompute, WeightHijacker):
 
     def combine(self, raw, draw): return raw + draw if self._mode == 'additive' else raw * draw
 
-    def extra_repr(self):
-        return f"std={self._std}, mode={self._mode!r}, " + super().extra_repr() + (', recompute=True' if self.recompute else '')
+    def extra_repr(self): return f"std={self._std}, mode={self._mode!r}, " + super().extra_repr()

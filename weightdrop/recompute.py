@@ -174,6 +174,8 @@ class Recompute:
         if check_flag(recompute, 'recompute'): check_recomputable(module, select_weights(module, layer_names))
         self.__dict__['_recompute'] = recompute
 
+    def extra_repr(self): return super().extra_repr() + (', recompute=True' if self.recompute else '')
+
     def _frozen(self):
         "A shallow copy of the wrapper: the options of this call, for the draw made again in backward."
         shell = object.__new__(type(self))
